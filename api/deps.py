@@ -1,0 +1,33 @@
+"""FastAPI dependencies: the runtime, the caller (authenticated and rate-limited), admin."""
+
+from __future__ import annotations
+
+from fastapi import Depends, Request
+
+from genq.api.auth import Principal
+from genq.api.errors import ApiError
+from genq.api.service import JobService
+from genq.runtime import Runtime
+
+
+def runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def service(request: Request) -> JobService:
+    return request.app.state.service
+
+
+async def principal(request: Request) -> Principal:
+    state = request.app.state
+    who = await state.auth.principal(request)
+    request.scope.setdefault("state", {})["ratelimit_headers"] = None
+    headers = state.limiter.hit(who)
+    request.scope["state"]["ratelimit_headers"] = headers
+    return who
+
+
+async def admin(who: Principal = Depends(principal)) -> Principal:
+    if not who.admin:
+        raise ApiError("forbidden", "This endpoint needs an admin key.")
+    return who

@@ -1,0 +1,104 @@
+"""The one error body of SPEC §3 and the handlers that make every failure use it.
+
+``{"error": {"code": "<code>", "message": "<one clear sentence>", "details": {...}}}``;
+no stack traces ever reach a body.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from genq.ports import PortError, StorageFull
+
+log = logging.getLogger(__name__)
+
+STATUS = {
+    "invalid_input": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "conflict": 409,
+    "not_ready": 409,
+    "gone": 410,
+    "payload_too_large": 413,
+    "unsupported_media_type": 415,
+    "validation_error": 422,
+    "queue_full": 429,
+    "rate_limited": 429,
+    "internal": 500,
+    "unavailable": 503,
+    "insufficient_storage": 507,
+}
+
+_BY_STATUS = {400: "invalid_input", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+              409: "conflict", 410: "gone", 413: "payload_too_large", 415: "unsupported_media_type",
+              422: "validation_error", 429: "rate_limited", 503: "unavailable"}
+
+
+class ApiError(Exception):
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None, *,
+                 headers: dict[str, str] | None = None, status: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details or {}
+        self.headers = headers or {}
+        self.status = status or STATUS[code]
+
+
+def body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(body(e.code, e.message, e.details), status_code=e.status, headers=e.headers)
+
+
+def not_found(what: str = "job") -> ApiError:
+    return ApiError("not_found", f"No such {what}.")
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"field": ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")) or None,
+             "message": str(err.get("msg", ""))[:300]}
+            for err in e.errors()[:20]
+        ]
+        return JSONResponse(body("validation_error", "The request does not match the expected schema.", {"errors": errors}),
+                            status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = _BY_STATUS.get(e.status_code, "invalid_input" if e.status_code < 500 else "internal")
+        message = {404: "No such resource.", 405: "Method not allowed on this resource."}.get(e.status_code, str(e.detail))
+        return JSONResponse(body(code, message), status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(StorageFull)
+    async def _full(_: Request, e: StorageFull) -> JSONResponse:
+        log.error("storage full: %s", e)
+        return JSONResponse(body("unavailable", "Storage is full; try again later."), status_code=503,
+                            headers={"Retry-After": "30"})
+
+    @app.exception_handler(PortError)
+    async def _port(_: Request, e: PortError) -> JSONResponse:
+        log.warning("backing service unavailable: %s", e)
+        return JSONResponse(body("unavailable", "A backing service is unavailable; try again shortly."),
+                            status_code=503, headers={"Retry-After": "2"})
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(body("internal", "Something went wrong on our side."), status_code=500)

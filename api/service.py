@@ -1,0 +1,321 @@
+"""What the job routes do, apart from HTTP: submit, read with position and ETA, wait,
+cancel, retry. Routes parse and answer; this module talks to the ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ulid import ULID
+
+from genq import constants, images
+from genq.api.auth import Principal
+from genq.api.errors import ApiError, not_found
+from genq.api.schemas import job_public
+from genq.models import ACTIVE, FileRef, Job, Priority, Status
+from genq.ports import PortError, Unavailable
+from genq.runtime import Runtime
+from genq.tools import ParamsError, ToolSpec, coerce_form_params, validate_params
+
+
+@dataclass
+class Upload:
+    """One input file as received, before checking."""
+
+    field: str
+    data: bytes
+
+
+@dataclass
+class Submission:
+    tool: str
+    variant: str | None
+    params: dict[str, Any]
+    form_params: dict[str, str]
+    uploads: list[Upload]
+    priority: Priority
+    wait: float
+
+
+class JobService:
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.settings = rt.settings
+        self._avg_cache: dict[str, tuple[float, float | None]] = {}
+        self._slots_cache: dict[str, tuple[float, int]] = {}
+        self._image_checks = asyncio.Semaphore(4)
+
+    # -- reading -----------------------------------------------------------------------
+    async def load(self, job_id: str, principal: Principal) -> Job:
+        if len(job_id) > 64:
+            raise not_found()
+        job = await self.rt.store.get(job_id)
+        if job is None or (job.owner != principal.id and not principal.admin):
+            raise not_found()
+        return job
+
+    async def public(self, job: Job) -> dict[str, Any]:
+        position = eta = None
+        if job.status is Status.QUEUED:
+            position = await self.rt.store.position(job)
+            avg = await self.avg_duration(job.tool)
+            slots = await self.live_slots(job.tool)
+            if avg is not None and position is not None and slots > 0:
+                eta = math.ceil(position / slots) * avg
+        elif job.status is Status.RUNNING:
+            avg = await self.avg_duration(job.tool)
+            if avg is not None:
+                eta = max(0.0, avg - (time.time() - (job.started_at or time.time())))
+        return job_public(job, position=position, eta=eta)
+
+    async def avg_duration(self, tool: str) -> float | None:
+        now = time.monotonic()
+        cached = self._avg_cache.get(tool)
+        if cached and cached[0] > now:
+            return cached[1]
+        durations = await self.rt.store.recent_durations(tool)
+        avg = sum(durations) / len(durations) if durations else None
+        self._avg_cache[tool] = (now + 2.0, avg)
+        return avg
+
+    async def live_slots(self, tool: str) -> int:
+        now = time.monotonic()
+        cached = self._slots_cache.get(tool)
+        if cached and cached[0] > now:
+            return cached[1]
+        since = time.time() - 3 * self.settings.worker_heartbeat_seconds
+        slots = await self.rt.store.workers_alive(tool, since)
+        spec = self.rt.registry.get(tool)
+        if spec is not None:
+            slots = min(slots, spec.capacity)
+        self._slots_cache[tool] = (now + 2.0, slots)
+        return slots
+
+    # -- submit ------------------------------------------------------------------------
+    def spec_for(self, tool: str) -> ToolSpec:
+        spec = self.rt.registry.get(tool)
+        if spec is None:
+            raise ApiError("validation_error", f"Unknown tool {tool[:63]!r}.",
+                           {"field": "tool", "tools": self.rt.registry.names()})
+        return spec
+
+    async def submit(self, sub: Submission, principal: Principal, idem_key: str | None) -> tuple[Job, bool]:
+        """Check everything, then store inputs, record and publish. Returns (job, created)."""
+        spec = self.spec_for(sub.tool)
+        variant = sub.variant or spec.default_variant
+        if spec.variant(variant) is None:
+            raise ApiError("validation_error", f"Tool {spec.name!r} has no variant {variant[:63]!r}.",
+                           {"field": "variant", "variants": [v.name for v in spec.variants]})
+        raw_params = {**coerce_form_params(spec, sub.form_params), **sub.params}
+        try:
+            params = validate_params(spec, raw_params)
+        except ParamsError as e:
+            raise ApiError("validation_error", "The params do not match the tool's schema.", {"errors": e.errors}) from e
+        lo, hi = spec.input_range
+        if not lo <= len(sub.uploads) <= hi:
+            want = f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
+            raise ApiError("validation_error", f"Tool {spec.name!r} takes {want} input image(s); got {len(sub.uploads)}.",
+                           {"field": "image", "min": lo, "max": hi})
+        checked = []
+        for up in sub.uploads:
+            async with self._image_checks:
+                try:
+                    checked.append(await asyncio.to_thread(
+                        images.check_image, up.data, max_bytes=self.settings.max_file_bytes, max_pixels=self.settings.max_pixels))
+                except images.ImageRejected as e:
+                    raise ApiError(e.code, e.message, {"field": up.field, **(e.details or {})}) from e
+
+        seed = params.get("seed")
+        if spec.takes_seed and seed is None:
+            seed = secrets.randbelow(2**32)
+        body_hash = _body_hash(spec.name, variant, raw_params, sub.priority, sub.uploads)
+
+        job_id = str(ULID())
+        if idem_key is not None:
+            if not (1 <= len(idem_key) <= 255) or not idem_key.isprintable():
+                raise ApiError("invalid_input", "Idempotency-Key must be 1-255 printable characters.")
+            existing = await self.rt.store.idempotency_get(principal.id, idem_key)
+            if existing is None:
+                existing = await self.rt.store.idempotency_put(
+                    principal.id, idem_key, body_hash, job_id, time.time() + self.settings.idempotency_ttl_seconds)
+            if existing[1] != job_id:
+                if existing[0] != body_hash:
+                    raise ApiError("conflict", "This Idempotency-Key was used with a different request.",
+                                   {"idempotency_key": idem_key})
+                job = await self._await_job(existing[1])
+                if job is None:
+                    raise ApiError("conflict", "The job first created with this Idempotency-Key no longer exists.")
+                return job, False
+
+        try:
+            await self._check_limits(spec, principal)
+            inputs = []
+            for i, (up, c) in enumerate(zip(sub.uploads, checked, strict=True)):
+                name = f"image.{c.extension}" if len(checked) == 1 else f"image-{i + 1}.{c.extension}"
+                key = constants.input_key(job_id, name)
+                await self.rt.blobs.put(key, up.data, c.content_type)
+                inputs.append(FileRef(name=name, key=key, content_type=c.content_type, size_bytes=c.size_bytes))
+            job = Job(
+                id=job_id, owner=principal.id, tool=spec.name, variant=variant, priority=sub.priority,
+                params=params, inputs=tuple(inputs), seed=seed, max_attempts=spec.max_attempts,
+                deadline_seconds=spec.active_deadline_seconds, ttl_seconds=spec.result_ttl_seconds,
+            )
+            job = await self.rt.store.create(job)
+        except BaseException:
+            await self._discard(job_id, idem_key, principal, stored=False)
+            raise
+        try:
+            seq = await self.rt.bus.publish_job(spec.name, job.priority.value, job.id, _msg_id(job))
+        except (PortError, Exception) as e:
+            await self._discard(job_id, idem_key, principal, stored=True)
+            raise Unavailable(f"bus: {e}") from e
+        updated = await self.rt.store.update(job.id, stream_seq=seq)
+        self.rt.metrics.jobs_submitted.labels(spec.name).inc()
+        return updated or job, True
+
+    async def _await_job(self, job_id: str) -> Job | None:
+        for _ in range(50):  # the first request is still storing its job
+            job = await self.rt.store.get(job_id)
+            if job is not None:
+                return job
+            await asyncio.sleep(0.05)
+        return None
+
+    async def _check_limits(self, spec: ToolSpec, principal: Principal) -> None:
+        counts = await self.rt.store.counts(spec.name)
+        if counts.queued >= spec.max_queued:
+            raise ApiError("queue_full", f"The {spec.name} queue is full ({spec.max_queued} jobs waiting).",
+                           {"tool": spec.name, "max_queued": spec.max_queued},
+                           headers={"Retry-After": str(await self._retry_after(spec))})
+        limit = principal.max_queued or self.settings.default_key_max_queued
+        if principal.admin and principal.max_queued is None:
+            return
+        mine = await self.rt.store.owner_active(principal.id)
+        if mine >= limit:
+            raise ApiError("queue_full", f"This key already has {mine} jobs queued (limit {limit}).",
+                           {"max_queued": limit}, headers={"Retry-After": str(await self._retry_after(spec))})
+
+    async def _retry_after(self, spec: ToolSpec) -> int:
+        avg = await self.avg_duration(spec.name)
+        slots = max(1, await self.live_slots(spec.name))
+        return max(1, math.ceil((avg or 5.0) / slots))
+
+    async def _discard(self, job_id: str, idem_key: str | None, principal: Principal, *, stored: bool) -> None:
+        with contextlib.suppress(Exception):
+            await self.rt.blobs.delete_prefix(constants.job_prefix(job_id))
+        if idem_key is not None:
+            with contextlib.suppress(Exception):
+                await self.rt.store.idempotency_delete(principal.id, idem_key, job_id)
+        if stored:
+            with contextlib.suppress(Exception):
+                await self.rt.store.delete(job_id)
+
+    # -- waiting and events ------------------------------------------------------------
+    async def wait(self, job: Job, seconds: float) -> Job:
+        """Hold until the job ends or ``seconds`` pass; the latest job either way."""
+        if job.terminal or seconds <= 0:
+            return job
+        sub = await self.rt.bus.subscribe(constants.events_subject(job.id))
+        try:
+            deadline = time.monotonic() + seconds
+            latest = await self.rt.store.get(job.id)
+            while latest is not None and not latest.terminal:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                msg = await sub.next(min(left, 1.0))
+                if msg is not None and msg.get("type") != "status":
+                    continue
+                latest = await self.rt.store.get(job.id)
+            return latest or job
+        finally:
+            await sub.unsubscribe()
+
+    # -- cancel and retry --------------------------------------------------------------
+    async def cancel(self, job: Job) -> Job:
+        if job.terminal:
+            raise ApiError("conflict", f"The job already ended ({job.status.value}).", {"status": job.status.value})
+        now = time.time()
+        done = await self.rt.store.transition(
+            job.id, ACTIVE, status=Status.CANCELLED, completed_at=now, expires_at=now + job.ttl_seconds,
+            error={"code": "cancelled", "message": "The job was cancelled."},
+        )
+        if done is None:
+            latest = await self.rt.store.get(job.id)
+            if latest is None:
+                raise not_found()
+            raise ApiError("conflict", f"The job already ended ({latest.status.value}).", {"status": latest.status.value})
+        if job.status is Status.QUEUED and done.stream_seq is not None:
+            with contextlib.suppress(Exception):
+                await self.rt.bus.remove(done.stream_seq)
+        with contextlib.suppress(Exception):
+            await self.rt.bus.publish(constants.cancel_subject(job.id), {"id": job.id, "reason": "cancelled"})
+            await self.rt.bus.publish(constants.events_subject(job.id), {"type": "status", "id": job.id, "status": "cancelled"})
+        self.rt.metrics.jobs_finished.labels(job.tool, "cancelled").inc()
+        return done
+
+    async def retry(self, job: Job) -> Job:
+        if job.status not in (Status.FAILED, Status.CANCELLED):
+            raise ApiError("conflict", f"Only failed or cancelled jobs can be retried; this one is {job.status.value}.",
+                           {"status": job.status.value})
+        spec = self.spec_for(job.tool)
+        await self._check_limits(spec, _owner_principal(job))
+        with contextlib.suppress(Exception):
+            for f in job.results:
+                await self.rt.blobs.delete(f.key)
+        back = await self.rt.store.transition(
+            job.id, [Status.FAILED, Status.CANCELLED], requeue=True, status=Status.QUEUED, attempts=0, progress=0.0,
+            error=None, started_at=None, completed_at=None, expires_at=None, results=(), result_meta=None,
+            stream_seq=None, worker=None, delivery=None, max_attempts=spec.max_attempts,
+        )
+        if back is None:
+            raise ApiError("conflict", "The job changed while retrying; read it again.")
+        seq = await self.rt.bus.publish_job(back.tool, back.priority.value, back.id, _msg_id(back))
+        back = await self.rt.store.update(back.id, stream_seq=seq) or back
+        with contextlib.suppress(Exception):
+            await self.rt.bus.publish(constants.events_subject(job.id), {"type": "status", "id": job.id, "status": "queued"})
+        return back
+
+
+def _owner_principal(job: Job) -> Principal:
+    return Principal(job.owner, "", "standard", False, None)
+
+
+def _msg_id(job: Job) -> str:
+    """JetStream dedupe id: the job and its place in the queue (a retry is a new message)."""
+    return f"{job.id}.{job.seq}"
+
+
+def _body_hash(tool: str, variant: str, params: dict[str, Any], priority: Priority, uploads: list[Upload]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([tool, variant, params, priority.value], sort_keys=True, default=str).encode())
+    for up in uploads:
+        h.update(hashlib.sha256(up.data).digest())
+    return h.hexdigest()
+
+
+def decode_data_uri(value: str, field: str, max_bytes: int) -> bytes:
+    """``data:image/png;base64,...`` (or bare base64) to bytes, refusing oversize early."""
+    if not isinstance(value, str):
+        raise ApiError("validation_error", f"{field} must be a data: URI string.", {"field": field})
+    payload = value
+    if value.startswith("data:"):
+        header, sep, payload = value.partition(",")
+        if not sep or ";base64" not in header:
+            raise ApiError("invalid_input", f"{field} must be a base64 data: URI.", {"field": field})
+    if len(payload) * 3 // 4 > max_bytes + 3:
+        raise ApiError("payload_too_large", f"{field} is larger than {max_bytes} bytes.", {"field": field, "max_bytes": max_bytes})
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError("invalid_input", f"{field} is not valid base64.", {"field": field}) from e

@@ -1,0 +1,1 @@
+"""Real adapters behind the ports in :mod:`genq.ports`."""

@@ -1,0 +1,531 @@
+"""``JobStore`` and ``KeyStore`` on SQLite: the embedded default.
+
+WAL mode through aiosqlite; a job's status moves only by compare-and-set
+(``UPDATE ... WHERE status IN (...) [AND version = ?] RETURNING``). Every write stamps the
+row with a store-wide revision (``rev``); the in-memory dispatch-order index that answers
+``position`` and queue counts in O(log n) follows the table by reading rows whose ``rev``
+is newer than the last one it saw, so it stays right even when a worker in another process
+writes to the same file.
+
+Neighbours: implements :class:`genq.ports.JobStore` / :class:`genq.ports.KeyStore`; used by
+the API, the worker and the housekeeping loop alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sqlite3
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+from sortedcontainers import SortedList
+
+from genq.models import ApiKey, FileRef, Job, Priority, Status
+from genq.ports import JobFilter, Page, StorageFull, ToolCounts, Unavailable
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    tool TEXT NOT NULL,
+    variant TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    prank INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    rev INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    completed_at REAL,
+    expires_at REAL,
+    heartbeat_at REAL,
+    deadline_at REAL,
+    stream_seq INTEGER,
+    attempts INTEGER NOT NULL,
+    progress REAL NOT NULL,
+    seed INTEGER,
+    worker TEXT,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_rev ON jobs(rev);
+CREATE INDEX IF NOT EXISTS jobs_owner_id ON jobs(owner, id);
+CREATE INDEX IF NOT EXISTS jobs_tool_status ON jobs(tool, status);
+CREATE INDEX IF NOT EXISTS jobs_owner_status ON jobs(owner, status);
+CREATE INDEX IF NOT EXISTS jobs_expires ON jobs(expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_status_hb ON jobs(status, heartbeat_at);
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    key_hash TEXT NOT NULL UNIQUE,
+    prefix TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    admin INTEGER NOT NULL,
+    max_queued INTEGER,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+    owner TEXT NOT NULL,
+    key TEXT NOT NULL,
+    body_hash TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (owner, key)
+);
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    tool TEXT NOT NULL,
+    slots INTEGER NOT NULL,
+    last_seen REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+# Columns kept outside the JSON ``data`` blob: what queries filter or sort on.
+_COLUMNS = (
+    "id", "owner", "tool", "variant", "priority", "status", "seq", "version", "created_at",
+    "started_at", "completed_at", "expires_at", "heartbeat_at", "stream_seq", "attempts",
+    "progress", "seed", "worker",
+)
+_DATA_FIELDS = ("params", "inputs", "results", "result_meta", "error", "max_attempts", "deadline_seconds", "ttl_seconds", "delivery")
+_UPDATABLE = set(_COLUMNS) - {"id", "owner", "tool", "seq", "version", "created_at"} | set(_DATA_FIELDS)
+
+
+def _encode_data(job: Job) -> str:
+    return json.dumps(
+        {
+            "params": job.params,
+            "inputs": [f.to_dict() for f in job.inputs],
+            "results": [f.to_dict() for f in job.results],
+            "result_meta": job.result_meta,
+            "error": job.error,
+            "max_attempts": job.max_attempts,
+            "deadline_seconds": job.deadline_seconds,
+            "ttl_seconds": job.ttl_seconds,
+            "delivery": job.delivery,
+        },
+        separators=(",", ":"),
+    )
+
+
+def _row_to_job(row: sqlite3.Row) -> Job:
+    data = json.loads(row["data"])
+    return Job(
+        id=row["id"],
+        owner=row["owner"],
+        tool=row["tool"],
+        variant=row["variant"],
+        priority=Priority(row["priority"]),
+        status=Status(row["status"]),
+        seq=row["seq"],
+        version=row["version"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        expires_at=row["expires_at"],
+        heartbeat_at=row["heartbeat_at"],
+        stream_seq=row["stream_seq"],
+        attempts=row["attempts"],
+        progress=row["progress"],
+        seed=row["seed"],
+        worker=row["worker"],
+        params=data["params"],
+        inputs=tuple(FileRef.from_dict(f) for f in data["inputs"]),
+        results=tuple(FileRef.from_dict(f) for f in data["results"]),
+        result_meta=data["result_meta"],
+        error=data["error"],
+        max_attempts=data["max_attempts"],
+        deadline_seconds=data["deadline_seconds"],
+        ttl_seconds=data["ttl_seconds"],
+        delivery=data.get("delivery"),
+    )
+
+
+def _deadline_at(job: Job) -> float | None:
+    if job.status is Status.RUNNING and job.started_at is not None and job.deadline_seconds:
+        return job.started_at + job.deadline_seconds
+    return None
+
+
+class _QueueIndex:
+    """Queued jobs per tool in dispatch order, plus running counts; follows ``rev``."""
+
+    def __init__(self) -> None:
+        self.rev = 0
+        self.queued: dict[str, SortedList] = {}
+        self.keys: dict[str, tuple[str, tuple[int, int, str]]] = {}
+        self.running: dict[str, set[str]] = {}
+
+    def apply(self, job_id: str, tool: str, status: str, prank: int, seq: int) -> None:
+        old = self.keys.pop(job_id, None)
+        if old is not None:
+            self.queued[old[0]].discard(old[1])
+        if status == Status.QUEUED.value:
+            key = (prank, seq, job_id)
+            self.queued.setdefault(tool, SortedList()).add(key)
+            self.keys[job_id] = (tool, key)
+        run = self.running.setdefault(tool, set())
+        if status == Status.RUNNING.value:
+            run.add(job_id)
+        else:
+            run.discard(job_id)
+
+    def forget(self, job_id: str) -> None:
+        old = self.keys.pop(job_id, None)
+        if old is not None:
+            self.queued[old[0]].discard(old[1])
+        for run in self.running.values():
+            run.discard(job_id)
+
+
+class SQLiteStore:
+    """Jobs, keys, idempotency records and worker liveness in one SQLite file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._db: aiosqlite.Connection | None = None
+        self._index = _QueueIndex()
+        self._sync_lock = asyncio.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        # WAL: readers never block the writer. synchronous=NORMAL is crash-safe for the
+        # process (kill -9 loses nothing committed); only an OS crash or power cut can
+        # lose the last transactions, and the stream (fsync always) still holds them.
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute("PRAGMA synchronous=NORMAL")
+        await self._db.execute("PRAGMA busy_timeout=10000")
+        await self._db.execute("PRAGMA foreign_keys=ON")
+        await self._db.executescript(SCHEMA)
+        await self._sync(full=True)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def ping(self) -> None:
+        try:
+            await self._conn.execute("SELECT 1")
+        except Exception as e:  # pragma: no cover - only on a broken file
+            raise Unavailable(f"job store: {e}") from e
+
+    @property
+    def _conn(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise Unavailable("job store is closed")
+        return self._db
+
+    async def _write(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            cur = await self._conn.execute(sql, tuple(args))
+            rows = list(await cur.fetchall())
+            await cur.close()
+            return rows
+        except sqlite3.OperationalError as e:
+            if "disk is full" in str(e) or "database or disk is full" in str(e):
+                raise StorageFull(str(e)) from e
+            raise
+
+    async def _rows(self, sql: str, args: Iterable[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        cur = await self._conn.execute(sql, args if isinstance(args, dict) else tuple(args))
+        rows = list(await cur.fetchall())
+        await cur.close()
+        return rows
+
+    async def _sync(self, full: bool = False) -> None:
+        """Bring the dispatch-order index up to date with the table."""
+        async with self._sync_lock:
+            if full:
+                self._index = _QueueIndex()
+                rows = await self._rows(
+                    "SELECT id, tool, status, prank, seq, rev FROM jobs WHERE status IN ('queued','running')"
+                )
+                top = await self._rows("SELECT COALESCE(MAX(rev), 0) AS r FROM jobs")
+                for r in rows:
+                    self._index.apply(r["id"], r["tool"], r["status"], r["prank"], r["seq"])
+                self._index.rev = top[0]["r"]
+                return
+            rows = await self._rows(
+                "SELECT id, tool, status, prank, seq, rev FROM jobs WHERE rev > ? ORDER BY rev", (self._index.rev,)
+            )
+            for r in rows:
+                self._index.apply(r["id"], r["tool"], r["status"], r["prank"], r["seq"])
+                self._index.rev = r["rev"]
+
+    # -- jobs --------------------------------------------------------------------------
+    async def create(self, job: Job) -> Job:
+        rows = await self._write(
+            """
+            INSERT INTO jobs (id, owner, tool, variant, priority, prank, status, seq, version, rev,
+                created_at, started_at, completed_at, expires_at, heartbeat_at, deadline_at,
+                stream_seq, attempts, progress, seed, worker, data)
+            VALUES (?, ?, ?, ?, ?, ?, ?,
+                (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), 1,
+                (SELECT COALESCE(MAX(rev), 0) + 1 FROM jobs),
+                ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            RETURNING *
+            """,
+            (
+                job.id, job.owner, job.tool, job.variant, job.priority.value, job.priority.rank,
+                job.status.value, job.created_at, job.started_at, job.completed_at, job.expires_at,
+                job.heartbeat_at, _deadline_at(job), job.stream_seq, job.attempts, job.progress,
+                job.seed, job.worker, _encode_data(job),
+            ),
+        )
+        created = _row_to_job(rows[0])
+        return created
+
+    async def get(self, job_id: str) -> Job | None:
+        rows = await self._rows("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return _row_to_job(rows[0]) if rows else None
+
+    async def transition(
+        self,
+        job_id: str,
+        expect: Iterable[Status],
+        *,
+        version: int | None = None,
+        guard: Callable[[Job], bool] | None = None,
+        requeue: bool = False,
+        **changes: Any,
+    ) -> Job | None:
+        expect = [Status(s).value for s in expect]
+        return await self._cas(job_id, expect, version, guard, requeue, changes)
+
+    async def update(
+        self, job_id: str, *, version: int | None = None, guard: Callable[[Job], bool] | None = None, **changes: Any
+    ) -> Job | None:
+        return await self._cas(job_id, None, version, guard, False, changes)
+
+    async def _cas(
+        self,
+        job_id: str,
+        expect: list[str] | None,
+        version: int | None,
+        guard: Callable[[Job], bool] | None,
+        requeue: bool,
+        changes: dict[str, Any],
+    ) -> Job | None:
+        bad = set(changes) - _UPDATABLE
+        if bad:
+            raise ValueError(f"cannot change {sorted(bad)}")
+        current = await self.get(job_id)
+        for _ in range(5):
+            if current is None:
+                return None
+            if expect is not None and current.status.value not in expect:
+                return None
+            if version is not None and current.version != version:
+                return None
+            if guard is not None and not guard(current):
+                return None
+            new = current.evolve(**changes)
+            sets = [
+                "variant = ?", "status = ?", "started_at = ?", "completed_at = ?", "expires_at = ?",
+                "heartbeat_at = ?", "deadline_at = ?", "stream_seq = ?", "attempts = ?", "progress = ?",
+                "seed = ?", "worker = ?", "data = ?", "priority = ?", "prank = ?",
+                "version = version + 1", "rev = (SELECT MAX(rev) + 1 FROM jobs)",
+            ]
+            args: list[Any] = [
+                new.variant, new.status.value, new.started_at, new.completed_at, new.expires_at,
+                new.heartbeat_at, _deadline_at(new), new.stream_seq, new.attempts, new.progress,
+                new.seed, new.worker, _encode_data(new), new.priority.value, new.priority.rank,
+            ]
+            if requeue:
+                sets.append("seq = (SELECT MAX(seq) + 1 FROM jobs)")
+            rows = await self._write(
+                f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND version = ? RETURNING *",
+                (*args, job_id, current.version),
+            )
+            if rows:
+                return _row_to_job(rows[0])
+            # Someone else wrote in between: read afresh and re-check the expectation.
+            if version is not None:
+                return None
+            current = await self.get(job_id)
+        return None
+
+    async def delete(self, job_id: str) -> None:
+        await self._write("DELETE FROM jobs WHERE id = ?", (job_id,))
+        async with self._sync_lock:
+            self._index.forget(job_id)
+
+    async def list(self, flt: JobFilter, *, limit: int, cursor: str | None, order: str) -> Page:
+        where, args = [], []
+        if flt.owner is not None:
+            where.append("owner = ?")
+            args.append(flt.owner)
+        if flt.status is not None:
+            where.append("status = ?")
+            args.append(flt.status.value)
+        if flt.tool is not None:
+            where.append("tool = ?")
+            args.append(flt.tool)
+        if flt.created_after is not None:
+            where.append("created_at > ?")
+            args.append(flt.created_after)
+        if flt.created_before is not None:
+            where.append("created_at < ?")
+            args.append(flt.created_before)
+        total_rows = await self._rows(
+            f"SELECT COUNT(*) AS n FROM jobs {'WHERE ' + ' AND '.join(where) if where else ''}", args
+        )
+        desc = order == "desc"
+        page_where, page_args = list(where), list(args)
+        if cursor:
+            page_where.append("id < ?" if desc else "id > ?")
+            page_args.append(decode_cursor(cursor))
+        rows = await self._rows(
+            f"SELECT * FROM jobs {'WHERE ' + ' AND '.join(page_where) if page_where else ''} "
+            f"ORDER BY id {'DESC' if desc else 'ASC'} LIMIT ?",
+            (*page_args, limit + 1),
+        )
+        jobs = [_row_to_job(r) for r in rows[:limit]]
+        next_cursor = encode_cursor(jobs[-1].id) if len(rows) > limit else None
+        return Page(jobs=jobs, next_cursor=next_cursor, total=total_rows[0]["n"])
+
+    async def position(self, job: Job) -> int | None:
+        await self._sync()
+        entry = self._index.keys.get(job.id)
+        if entry is None:
+            return None
+        tool, key = entry
+        return self._index.queued[tool].bisect_left(key) + 1
+
+    async def counts(self, tool: str) -> ToolCounts:
+        await self._sync()
+        rows = await self._rows(
+            "SELECT status, COUNT(*) AS n FROM jobs WHERE tool = ? AND status IN ('succeeded','failed','cancelled') GROUP BY status",
+            (tool,),
+        )
+        done = {r["status"]: r["n"] for r in rows}
+        return ToolCounts(
+            queued=len(self._index.queued.get(tool, ())),
+            running=len(self._index.running.get(tool, ())),
+            succeeded=done.get("succeeded", 0),
+            failed=done.get("failed", 0),
+            cancelled=done.get("cancelled", 0),
+        )
+
+    async def owner_active(self, owner: str) -> int:
+        rows = await self._rows("SELECT COUNT(*) AS n FROM jobs WHERE owner = ? AND status = 'queued'", (owner,))
+        return rows[0]["n"]
+
+    async def recent_durations(self, tool: str, limit: int = 50) -> list[float]:
+        rows = await self._rows(
+            """SELECT completed_at - started_at AS d FROM jobs
+               WHERE tool = ? AND status = 'succeeded' AND started_at IS NOT NULL
+               ORDER BY completed_at DESC LIMIT ?""",
+            (tool, limit),
+        )
+        return [r["d"] for r in rows if r["d"] is not None]
+
+    async def due(self, now: float, *, heartbeat_before: float, unpublished_before: float, limit: int = 500) -> list[Job]:
+        rows = await self._rows(
+            """
+            SELECT * FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= :now
+            UNION
+            SELECT * FROM jobs WHERE status = 'running' AND (deadline_at <= :now OR heartbeat_at < :hb)
+            UNION
+            SELECT * FROM jobs WHERE status = 'queued' AND stream_seq IS NULL AND created_at < :unpub
+            LIMIT :limit
+            """,
+            {"now": now, "hb": heartbeat_before, "unpub": unpublished_before, "limit": limit},
+        )
+        return [_row_to_job(r) for r in rows]
+
+    # -- idempotency --------------------------------------------------------------------
+    async def idempotency_get(self, owner: str, key: str) -> tuple[str, str] | None:
+        import time
+
+        rows = await self._rows(
+            "SELECT body_hash, job_id FROM idempotency WHERE owner = ? AND key = ? AND expires_at > ?",
+            (owner, key, time.time()),
+        )
+        return (rows[0]["body_hash"], rows[0]["job_id"]) if rows else None
+
+    async def idempotency_put(self, owner: str, key: str, body_hash: str, job_id: str, expires_at: float) -> tuple[str, str]:
+        import time
+
+        await self._write(
+            "DELETE FROM idempotency WHERE owner = ? AND key = ? AND expires_at <= ?", (owner, key, time.time())
+        )
+        await self._write(
+            "INSERT OR IGNORE INTO idempotency (owner, key, body_hash, job_id, expires_at) VALUES (?, ?, ?, ?, ?)",
+            (owner, key, body_hash, job_id, expires_at),
+        )
+        rows = await self._rows("SELECT body_hash, job_id FROM idempotency WHERE owner = ? AND key = ?", (owner, key))
+        return rows[0]["body_hash"], rows[0]["job_id"]
+
+    async def idempotency_delete(self, owner: str, key: str, job_id: str) -> None:
+        await self._write("DELETE FROM idempotency WHERE owner = ? AND key = ? AND job_id = ?", (owner, key, job_id))
+
+    async def idempotency_sweep(self, now: float) -> None:
+        await self._write("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+
+    # -- workers -------------------------------------------------------------------------
+    async def worker_seen(self, worker_id: str, tool: str, slots: int, now: float) -> None:
+        await self._write(
+            "INSERT INTO workers (id, tool, slots, last_seen) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen, slots = excluded.slots",
+            (worker_id, tool, slots, now),
+        )
+
+    async def worker_gone(self, worker_id: str) -> None:
+        await self._write("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    async def workers_alive(self, tool: str, since: float) -> int:
+        rows = await self._rows("SELECT COALESCE(SUM(slots), 0) AS n FROM workers WHERE tool = ? AND last_seen >= ?", (tool, since))
+        return rows[0]["n"]
+
+    # -- keys ----------------------------------------------------------------------------
+    async def create_key(self, key: ApiKey) -> ApiKey:
+        await self._write(
+            "INSERT INTO keys (id, name, key_hash, prefix, tier, admin, max_queued, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (key.id, key.name, key.key_hash, key.prefix, key.tier, int(key.admin), key.max_queued, key.created_at),
+        )
+        return key
+
+    async def key_by_hash(self, key_hash: str) -> ApiKey | None:
+        rows = await self._rows("SELECT * FROM keys WHERE key_hash = ?", (key_hash,))
+        return _row_to_key(rows[0]) if rows else None
+
+    async def list_keys(self) -> list[ApiKey]:
+        return [_row_to_key(r) for r in await self._rows("SELECT * FROM keys ORDER BY created_at")]
+
+    async def delete_key(self, key_id: str) -> bool:
+        rows = await self._write("DELETE FROM keys WHERE id = ? RETURNING id", (key_id,))
+        return bool(rows)
+
+    async def get_key(self, key_id: str) -> ApiKey | None:
+        rows = await self._rows("SELECT * FROM keys WHERE id = ?", (key_id,))
+        return _row_to_key(rows[0]) if rows else None
+
+
+def _row_to_key(r: sqlite3.Row) -> ApiKey:
+    return ApiKey(
+        id=r["id"], name=r["name"], key_hash=r["key_hash"], prefix=r["prefix"], tier=r["tier"],
+        admin=bool(r["admin"]), max_queued=r["max_queued"], created_at=r["created_at"],
+    )
+
+
+def encode_cursor(job_id: str) -> str:
+    return base64.urlsafe_b64encode(job_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except Exception as e:
+        raise ValueError("invalid cursor") from e
+    if not raw.isalnum() or len(raw) > 64:
+        raise ValueError("invalid cursor")
+    return raw

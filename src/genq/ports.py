@@ -1,0 +1,206 @@
+"""The seams at every I/O boundary: ``JobStore``, ``KeyStore``, ``Bus`` and ``BlobStore``.
+
+The API, the worker and the housekeeping loop talk only to these protocols. Adapters:
+SQLite (``genq.adapters.sqlite``), NATS JetStream (``genq.adapters.nats``), a local folder
+(``genq.adapters.localfs``) and S3 (``genq.adapters.s3``); the Kubernetes job store plugs in
+here too, without touching the code that uses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from genq.models import ApiKey, Job, Status
+
+
+class PortError(Exception):
+    """A backing service could not be reached or failed; callers answer 503."""
+
+
+class Unavailable(PortError):
+    pass
+
+
+class StorageFull(PortError):
+    """The backing storage has no room left (disk full, quota)."""
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    owner: str | None = None
+    status: Status | None = None
+    tool: str | None = None
+    created_after: float | None = None
+    created_before: float | None = None
+
+
+@dataclass(frozen=True)
+class Page:
+    jobs: list[Job]
+    next_cursor: str | None
+    total: int
+
+
+@dataclass(frozen=True)
+class ToolCounts:
+    queued: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+
+@runtime_checkable
+class JobStore(Protocol):
+    """Where jobs live. Status moves only by compare-and-set (``transition``)."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...
+
+    async def create(self, job: Job) -> Job:
+        """Insert a new job; the store assigns ``seq`` and ``version``."""
+
+    async def get(self, job_id: str) -> Job | None: ...
+
+    async def transition(
+        self,
+        job_id: str,
+        expect: Iterable[Status],
+        *,
+        version: int | None = None,
+        guard: Callable[[Job], bool] | None = None,
+        requeue: bool = False,
+        **changes: Any,
+    ) -> Job | None:
+        """Apply ``changes`` only if the job's status is one of ``expect`` (and, when given,
+        its version is ``version`` and ``guard(job)`` holds). Returns the new job, or None
+        when the race was lost. ``requeue`` gives the job a new place at the back of its queue."""
+
+    async def update(
+        self, job_id: str, *, version: int | None = None, guard: Callable[[Job], bool] | None = None, **changes: Any
+    ) -> Job | None:
+        """Change non-status fields (progress, heartbeat, stream_seq) by compare-and-set."""
+
+    async def delete(self, job_id: str) -> None: ...
+
+    async def list(self, flt: JobFilter, *, limit: int, cursor: str | None, order: str) -> Page: ...
+
+    async def position(self, job: Job) -> int | None:
+        """1-based place of a queued job in its tool's dispatch order (priority, then FIFO)."""
+
+    async def counts(self, tool: str) -> ToolCounts: ...
+
+    async def owner_active(self, owner: str) -> int:
+        """Jobs of one owner that are queued."""
+
+    async def recent_durations(self, tool: str, limit: int = 50) -> list[float]: ...
+
+    async def due(self, now: float, *, heartbeat_before: float, unpublished_before: float, limit: int = 500) -> list[Job]:
+        """Jobs that need housekeeping now: past retention, past their deadline, running
+        without a heartbeat since ``heartbeat_before``, or queued without a stream message
+        since ``unpublished_before``."""
+
+    async def idempotency_get(self, owner: str, key: str) -> tuple[str, str] | None:
+        """``(body_hash, job_id)`` recorded for this owner's key, if fresh."""
+
+    async def idempotency_put(self, owner: str, key: str, body_hash: str, job_id: str, expires_at: float) -> tuple[str, str]:
+        """Record the key unless one exists; returns what is recorded (first writer wins)."""
+
+    async def idempotency_delete(self, owner: str, key: str, job_id: str) -> None:
+        """Drop a record whose job was never created."""
+
+    async def workers_alive(self, tool: str, since: float) -> int:
+        """Worker slots of ``tool`` seen alive since ``since``."""
+    async def worker_seen(self, worker_id: str, tool: str, slots: int, now: float) -> None: ...
+    async def worker_gone(self, worker_id: str) -> None: ...
+
+
+@runtime_checkable
+class KeyStore(Protocol):
+    async def create_key(self, key: ApiKey) -> ApiKey: ...
+    async def key_by_hash(self, key_hash: str) -> ApiKey | None: ...
+    async def list_keys(self) -> list[ApiKey]: ...
+    async def delete_key(self, key_id: str) -> bool: ...
+
+
+class Delivery(Protocol):
+    """One delivery of a job message; exactly one of ack/nak/term ends it."""
+
+    job_id: str
+    attempt: int
+    stream_seq: int
+
+    async def ack(self) -> None: ...
+    async def nak(self, delay: float | None = None) -> None: ...
+    async def in_progress(self) -> None: ...
+    async def term(self) -> None: ...
+
+
+class Subscription(Protocol):
+    async def unsubscribe(self) -> None: ...
+
+
+@runtime_checkable
+class Bus(Protocol):
+    """Job messages (JetStream) and the side channels (core NATS)."""
+
+    async def connect(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...
+
+    async def ensure_tool(self, tool: str, max_attempts: int, ack_wait: float) -> None:
+        """Create or update the tool's durable consumers."""
+
+    async def publish_job(self, tool: str, priority: str, job_id: str, dedupe_id: str | None = None) -> int:
+        """Durably enqueue a job; ``dedupe_id`` (default the job id) is the JetStream message
+        id, so a republish of the same queue entry is dropped. Returns the stream sequence."""
+
+    async def pull(self, tool: str) -> Delivery | None:
+        """The next job of ``tool`` in dispatch order, without waiting; None if none."""
+
+    async def wait_for_work(self, tool: str, timeout: float) -> None:
+        """Return when new work for ``tool`` may be available, or after ``timeout``."""
+
+    async def remove(self, stream_seq: int) -> None:
+        """Delete one job message (cancelled or failed while queued); no error if gone."""
+
+    async def backlog(self, tool: str) -> int:
+        """Messages of ``tool`` pending plus in flight."""
+
+    async def publish(self, subject: str, data: dict[str, Any]) -> None:
+        """Fire-and-forget core message (cancel, events, warm)."""
+
+    async def subscribe(self, subject: str) -> AsyncIterator[dict[str, Any]]:
+        """Messages on ``subject`` (wildcards allowed) until the iterator is closed."""
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    key: str
+    size: int
+    etag: str | None = None
+    content_type: str | None = None
+
+
+@runtime_checkable
+class BlobStore(Protocol):
+    """Object storage for job inputs and results (keys from ``genq.constants``)."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...
+
+    async def put(self, key: str, data: bytes, content_type: str) -> BlobInfo: ...
+    async def get(self, key: str) -> bytes:
+        """The whole object; ``KeyError`` if missing."""
+
+    async def stream(self, key: str, chunk_size: int = 1 << 16) -> AsyncIterator[bytes]:
+        """The object in chunks; ``KeyError`` (raised before the first chunk) if missing."""
+
+    async def stat(self, key: str) -> BlobInfo | None: ...
+    async def delete(self, key: str) -> None: ...
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix``; returns how many."""

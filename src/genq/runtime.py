@@ -1,0 +1,67 @@
+"""The adapters one process uses, built from settings, opened and closed together.
+
+The API, the workers and the housekeeping loop receive a :class:`Runtime`; which adapters
+are inside (SQLite or Kubernetes, local folder or S3, embedded or external NATS) is
+decided here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from genq import constants
+from genq.metrics import Metrics
+from genq.ports import BlobStore, Bus, JobStore, KeyStore
+from genq.settings import Settings
+from genq.tools import Registry
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    registry: Registry
+    store: JobStore
+    keys: KeyStore
+    bus: Bus
+    blobs: BlobStore
+    metrics: Metrics = field(default_factory=Metrics)
+
+    async def open(self) -> None:
+        await self.store.open()
+        await self.blobs.open()
+        await self.bus.connect()
+        for spec in self.registry:
+            await self.bus.ensure_tool(spec.name, spec.max_attempts, self.settings.ack_wait_seconds)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.bus.close()
+        with contextlib.suppress(Exception):
+            await self.blobs.close()
+        with contextlib.suppress(Exception):
+            await self.store.close()
+
+
+def build_runtime(settings: Settings, registry: Registry, nats_url: str) -> Runtime:
+    from genq.adapters.nats import NatsBus
+    from genq.adapters.sqlite import SQLiteStore
+
+    data = settings.resolved_data_dir()
+    store = SQLiteStore(Path(data) / constants.DB_FILE)
+    if settings.blob == "s3":
+        from genq.adapters.s3 import S3BlobStore
+
+        blobs: BlobStore = S3BlobStore(
+            endpoint_url=settings.s3_endpoint_url,
+            bucket=settings.s3_bucket,
+            region=settings.s3_region,
+            access_key_id=settings.s3_access_key_id,
+            secret_access_key=settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None,
+        )
+    else:
+        from genq.adapters.localfs import LocalBlobStore
+
+        blobs = LocalBlobStore(Path(data) / constants.BLOBS_DIR)
+    return Runtime(settings=settings, registry=registry, store=store, keys=store, bus=NatsBus(nats_url), blobs=blobs)

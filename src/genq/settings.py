@@ -1,0 +1,102 @@
+"""Process settings, read once at start from ``GENQ_*`` environment variables.
+
+Each setting says why its default is what it is. The tools themselves are configured in
+``genq.yaml`` (see :mod:`genq.tools`); these settings are about the process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    """Address the API binds to. Loopback by default: exposing it is a deliberate act."""
+
+    port: int = 8000
+    """API port."""
+
+    data_dir: Path = Path("./genq-data")
+    """Embedded mode's home: SQLite file, JetStream files and the local object store."""
+
+    config: Path | None = None
+    """Path of ``genq.yaml`` (the tools). None: ``<data_dir>/../genq.yaml`` if it exists,
+    else the built-in default (an ``upscale`` tool)."""
+
+    admin_key: SecretStr | None = None
+    """Bootstrap admin key. Unset in embedded mode: one is generated on first start and
+    printed once; only its hash is kept."""
+
+    # Adapters.
+    store: Literal["sqlite"] = "sqlite"
+    """Job store adapter (``kubernetes`` arrives with the cluster mode)."""
+
+    blob: Literal["local", "s3"] = "local"
+    """Object storage adapter: a folder under ``data_dir`` or an S3-compatible service."""
+
+    nats_url: str | None = None
+    """NATS server URL. None: genq starts its own ``nats-server -js`` under ``data_dir``."""
+
+    s3_endpoint_url: str | None = None
+    """S3 endpoint (MinIO, SeaweedFS, Ceph, AWS). None means AWS's own endpoint."""
+    s3_bucket: str = "genq"
+    """Bucket for inputs and results; created on start if missing."""
+    s3_region: str = "us-east-1"
+    """Region passed to the S3 client; most S3-compatible servers accept any value."""
+    s3_access_key_id: str | None = None
+    """Credentials; None falls back to the standard AWS credential chain."""
+    s3_secret_access_key: SecretStr | None = None
+    """Secret half of the S3 credentials."""
+
+    # Input limits (SPEC §3).
+    max_file_bytes: int = 20 * 1024 * 1024
+    """Largest accepted input file: 20 MB holds any sensible photo as PNG."""
+    max_pixels: int = 40_000_000
+    """Largest accepted image in pixels (40 MP); checked from the header, before decoding,
+    so decompression bombs never allocate."""
+    max_files: int = 3
+    """Most images one job may carry (image-edit takes up to 3)."""
+    max_field_bytes: int = 64 * 1024
+    """Largest plain form field or JSON params body part; prompts are 2,000 chars at most."""
+    max_json_bytes: int = 3 * 28 * 1024 * 1024
+    """Largest JSON submit body: three base64 images at the file limit, plus params."""
+    max_wait_seconds: float = 120.0
+    """Longest sync ``wait`` a request may hold (SPEC: 0-120 s)."""
+
+    # Limits per key.
+    rate_standard: str = "60/minute"
+    """Requests a standard-tier key may make (all endpoints)."""
+    rate_premium: str = "300/minute"
+    """Requests a premium-tier key may make (all endpoints)."""
+    default_key_max_queued: int = 20
+    """Jobs one key may have queued at once unless its record says otherwise."""
+    idempotency_ttl_seconds: int = 24 * 3600
+    """How long an ``Idempotency-Key`` maps to its first job (SPEC: 24 h)."""
+
+    # Worker and bus timings.
+    ack_wait_seconds: float = 30.0
+    """How long JetStream waits for a heartbeat before redelivering a job; a dead worker's
+    job restarts after at most this long. Workers heartbeat at a third of it."""
+    retry_backoff_seconds: float = 2.0
+    """First retry delay; doubles per attempt (capped at ``retry_backoff_max_seconds``)."""
+    retry_backoff_max_seconds: float = 60.0
+    """Cap on the retry delay so a flaky tool still retries within a minute."""
+    drain_seconds: float = 30.0
+    """On SIGTERM, how long running jobs get to finish before they are handed back."""
+    reconcile_interval_seconds: float = 1.0
+    """How often retention, deadlines and lost jobs are checked. One second keeps
+    retention and deadlines accurate to about a second at negligible cost."""
+    worker_heartbeat_seconds: float = 5.0
+    """How often a worker reports itself alive (for ``workers`` in queue stats)."""
+
+    log_level: str = "INFO"
+    """Root log level."""
+
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()

@@ -1,0 +1,113 @@
+"""What every tool receives and returns, and the errors it may raise.
+
+A tool gets validated params, its inputs, a progress reporter and a cancellation token,
+and returns result files plus metadata (the seed it used, metrics). Tools run in a worker
+thread; they must call ``cancel.raise_if_cancelled()`` (or check ``cancel.cancelled``)
+often enough that a cancel takes effect within a second.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Cancelled(Exception):
+    """Raised inside a tool when its job was cancelled or ran past its deadline."""
+
+
+class ToolError(Exception):
+    """A tool failure with a code users see in ``error.code``.
+
+    ``retryable=False`` fails the job at once (bad input, unsupported request);
+    ``retryable=True`` (the default for unexpected exceptions) retries with backoff.
+    """
+
+    def __init__(self, message: str, *, code: str = "pipeline_error", retryable: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
+
+
+class Retry(Exception):
+    """Ask for another attempt after ``delay`` seconds (arq's ``Retry``)."""
+
+    def __init__(self, delay: float | None = None, message: str = "tool asked to retry"):
+        super().__init__(message)
+        self.delay = delay
+
+
+class CancelToken:
+    """Thread-safe cancellation flag shared by the worker and the running tool."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason: str | None = None
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Cancelled(self.reason or "cancelled")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep up to ``timeout``; True as soon as the job is cancelled."""
+        return self._event.wait(timeout)
+
+
+class Progress(Protocol):
+    def __call__(self, fraction: float, step: int | None = None, steps: int | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class InputFile:
+    name: str
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    name: str
+    content_type: str
+    data: bytes
+
+
+@dataclass
+class ToolResult:
+    files: list[OutputFile]
+    seed: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ToolCall:
+    """Everything one run of a tool gets."""
+
+    job_id: str
+    variant: str
+    params: dict[str, Any]
+    inputs: list[InputFile]
+    seed: int | None
+    progress: Progress
+    cancel: CancelToken
+
+
+class Tool(Protocol):
+    """A runnable tool. ``load`` is called once per worker (and on ``warm``); ``run`` per
+    job, in a thread. Both may block."""
+
+    def load(self, variant: str | None = None) -> None: ...
+    def run(self, call: ToolCall) -> ToolResult: ...
+
+
+ToolFactory = Callable[..., Tool]

@@ -1,0 +1,435 @@
+"""The worker loop: pull a tool's jobs, run them, report status (SPEC §6).
+
+Each slot (``maxWorkers × concurrencyPerWorker`` of them in the embedded mode, one per
+``concurrencyPerWorker`` in a pod) asks the bus for the next job in dispatch order, moves
+it ``queued → running`` by compare-and-set, heartbeats the message with ``in_progress``
+while the tool runs in a thread, writes results under the job's own keys and ends the
+delivery with ``ack`` (done), ``nak(delay)`` (retry with backoff) or ``term``.
+
+Delivery is at least once; effects are exactly once: every status write is guarded by the
+attempt that made it, so a redelivered job that lost the race does nothing.
+
+Neighbours: talks to :mod:`genq.ports` only; tools come from :mod:`genq.worker.tools`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from genq import constants
+from genq.metrics import Metrics
+from genq.models import Job, Status
+from genq.ports import BlobStore, Bus, JobStore, PortError
+from genq.settings import Settings
+from genq.tools import ToolSpec
+from genq.worker.tools.base import (
+    CancelToken,
+    Cancelled,
+    InputFile,
+    Retry,
+    Tool,
+    ToolCall,
+    ToolError,
+    ToolResult,
+)
+
+log = logging.getLogger(__name__)
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_PROGRESS_WRITE_INTERVAL = 0.5
+
+
+def new_worker_id(tool: str) -> str:
+    return f"{tool}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Delay before attempt ``attempt + 1``: base, 2·base, 4·base … capped."""
+    return min(cap, base * (2 ** max(0, attempt - 1)))
+
+
+@dataclass
+class _Running:
+    job: Job
+    token: CancelToken
+    last_progress_write: float = 0.0
+
+
+class Worker:
+    """Runs one tool's jobs with a fixed number of slots."""
+
+    def __init__(
+        self,
+        spec: ToolSpec,
+        tool: Tool,
+        *,
+        store: JobStore,
+        bus: Bus,
+        blobs: BlobStore,
+        settings: Settings,
+        slots: int | None = None,
+        worker_id: str | None = None,
+        metrics: Metrics | None = None,
+    ):
+        self.spec = spec
+        self.tool = tool
+        self.store = store
+        self.bus = bus
+        self.blobs = blobs
+        self.settings = settings
+        self.slots = slots or spec.concurrency_per_worker
+        self.id = worker_id or new_worker_id(spec.name)
+        self.metrics = metrics or Metrics()
+        self._running: dict[str, _Running] = {}
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._subs: list[Any] = []
+        self._idle_slots = 0
+        self.loaded = asyncio.Event()
+        self._warm_until = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def busy(self) -> int:
+        return len(self._running)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.bus.ensure_tool(self.name, self.spec.max_attempts, self.settings.ack_wait_seconds)
+        cancel_sub = await self.bus.subscribe(f"{constants.CANCEL_SUBJECT_PREFIX}.*")
+        warm_sub = await self.bus.subscribe(constants.warm_subject(self.name))
+        self._subs = [cancel_sub, warm_sub]
+        self._tasks = [
+            asyncio.create_task(self._load(), name=f"{self.id}-load"),
+            asyncio.create_task(self._listen_cancels(cancel_sub), name=f"{self.id}-cancels"),
+            asyncio.create_task(self._listen_warm(warm_sub), name=f"{self.id}-warm"),
+            asyncio.create_task(self._liveness(), name=f"{self.id}-alive"),
+        ]
+        self._slot_tasks = [asyncio.create_task(self._slot(i), name=f"{self.id}-slot{i}") for i in range(self.slots)]
+
+    async def stop(self, drain: float | None = None) -> None:
+        """Stop taking jobs, give running ones ``drain`` seconds, hand the rest back."""
+        self._stopping.set()
+        drain = self.settings.drain_seconds if drain is None else drain
+        slot_tasks = getattr(self, "_slot_tasks", [])
+        if slot_tasks:
+            done, pending = await asyncio.wait(slot_tasks, timeout=drain)
+            if pending:
+                for r in list(self._running.values()):
+                    r.token.cancel("shutdown")
+                await asyncio.wait(pending, timeout=10)
+                for t in pending:
+                    t.cancel()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for s in self._subs:
+            await s.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self.store.worker_gone(self.id)
+
+    async def run_until_idle(self, poll: float = 0.05) -> None:
+        """Burst mode for tests and batch use: return once no job is queued or running."""
+        while True:
+            counts = await self.store.counts(self.name)
+            if counts.queued == 0 and counts.running == 0 and not self._running:
+                return
+            await asyncio.sleep(poll)
+
+    async def _load(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            await asyncio.to_thread(self.tool.load, self.spec.default_variant)
+        except Exception:
+            log.exception("%s: loading the model failed; jobs will retry the load", self.name)
+        else:
+            self.metrics.model_load_seconds.labels(self.name).observe(time.perf_counter() - t0)
+        finally:
+            self.loaded.set()
+
+    async def _liveness(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(Exception):
+                await self.store.worker_seen(self.id, self.name, self.slots, time.time())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.worker_heartbeat_seconds)
+
+    async def _listen_cancels(self, sub: Any) -> None:
+        async for msg in sub:
+            job_id = msg.get("id")
+            running = self._running.get(job_id)
+            if running is not None:
+                running.token.cancel(msg.get("reason") or "cancelled")
+
+    async def _listen_warm(self, sub: Any) -> None:
+        async for msg in sub:
+            variant = msg.get("variant") or self.spec.default_variant
+            self._warm_until = max(self._warm_until, time.time() + float(msg.get("seconds") or 0))
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.tool.load, variant)
+
+    # -- the slot loop -----------------------------------------------------------------
+    async def _slot(self, index: int) -> None:
+        await self.loaded.wait()
+        while not self._stopping.is_set():
+            token = self.bus.work_token(self.name)
+            try:
+                delivery = await self.bus.pull(self.name)
+            except PortError as e:
+                log.warning("%s: bus unavailable (%s); retrying", self.name, e)
+                await self._sleep(0.5)
+                continue
+            except Exception:
+                log.exception("%s: pull failed", self.name)
+                await self._sleep(0.5)
+                continue
+            if delivery is None:
+                waiter = asyncio.create_task(self.bus.wait_for_work(self.name, token, 1.0))
+                stopper = asyncio.create_task(self._stopping.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+                continue
+            try:
+                await self.handle(delivery)
+            except Exception:
+                # Store or storage trouble mid-job: leave the message unacked so
+                # JetStream redelivers it after ack_wait.
+                log.exception("%s: job %s could not be processed; it will be redelivered", self.name, delivery.job_id)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    # -- one delivery ------------------------------------------------------------------
+    async def handle(self, d: Any) -> None:
+        job = await self.store.get(d.job_id)
+        if job is None:
+            await d.term()  # deleted (retention, or a submit that failed half-way)
+            return
+        if job.terminal:
+            await d.ack()  # cancelled while queued, or a duplicate delivery that lost
+            return
+        now = time.time()
+        attempt = job.attempts + 1
+        started = await self.store.transition(
+            job.id,
+            [Status.QUEUED, Status.RUNNING],
+            # Not the version: the API may still be writing stream_seq. Nobody else may
+            # have started an attempt in between, which is what matters.
+            guard=lambda j: j.attempts == job.attempts,
+            status=Status.RUNNING,
+            attempts=attempt,
+            started_at=now,
+            heartbeat_at=now,
+            worker=self.id,
+            progress=0.0,
+            stream_seq=d.stream_seq,
+            delivery=getattr(d, "reply", None),
+        )
+        if started is None:
+            latest = await self.store.get(d.job_id)
+            if latest is None or latest.terminal:
+                await d.ack()
+            else:
+                await d.nak(0.5)
+            return
+        self.metrics.queue_wait_seconds.labels(self.name).observe(max(0.0, now - job.created_at))
+        await self._emit(started)
+        await self._run(started, d)
+
+    def _mine(self, attempt: int):
+        return lambda j: j.attempts == attempt and j.worker == self.id
+
+    async def _run(self, job: Job, d: Any) -> None:
+        token = CancelToken()
+        running = _Running(job=job, token=token)
+        self._running[job.id] = running
+        loop = asyncio.get_running_loop()
+        mine = self._mine(job.attempts)
+        heartbeat = asyncio.create_task(self._heartbeat(job, d, mine))
+        deadline = None
+        if job.deadline_seconds:
+            remaining = job.started_at + job.deadline_seconds - time.time()
+            deadline = loop.call_later(max(0.0, remaining), token.cancel, "deadline")
+        t0 = time.perf_counter()
+        try:
+            inputs = [
+                InputFile(name=f.name, content_type=f.content_type, data=await self.blobs.get(f.key)) for f in job.inputs
+            ]
+
+            def progress(fraction: float, step: int | None = None, steps: int | None = None) -> None:
+                loop.call_soon_threadsafe(self._on_progress, running, float(fraction), step, steps)
+
+            call = ToolCall(
+                job_id=job.id,
+                variant=job.variant,
+                params=dict(job.params),
+                inputs=inputs,
+                seed=job.seed,
+                progress=progress,
+                cancel=token,
+            )
+            token.raise_if_cancelled()
+            arun = getattr(self.tool, "arun", None)
+            result: ToolResult = await arun(call) if arun else await asyncio.to_thread(self.tool.run, call)
+            if token.cancelled:
+                raise Cancelled(token.reason or "cancelled")
+            await self._succeed(job, d, result, time.perf_counter() - t0, mine)
+        except Cancelled:
+            await self._interrupted(job, d, token.reason or "cancelled", mine)
+        except ToolError as e:
+            if e.retryable:
+                await self._retry_or_fail(job, d, e.code, str(e), None, mine)
+            else:
+                await self._fail(job, d, e.code, str(e), mine)
+        except Retry as e:
+            await self._retry_or_fail(job, d, "pipeline_error", str(e), e.delay, mine)
+        except PortError:
+            raise
+        except Exception as e:
+            if token.cancelled:
+                await self._interrupted(job, d, token.reason or "cancelled", mine)
+            else:
+                log.warning("%s: job %s attempt %d raised %r", self.name, job.id, job.attempts, e)
+                msg = f"{type(e).__name__}: {e}"[:500]
+                await self._retry_or_fail(job, d, "pipeline_error", msg, None, mine)
+        finally:
+            heartbeat.cancel()
+            if deadline is not None:
+                deadline.cancel()
+            self._running.pop(job.id, None)
+            self.metrics.job_seconds.labels(self.name).observe(time.perf_counter() - t0)
+
+    async def _heartbeat(self, job: Job, d: Any, mine: Any) -> None:
+        interval = max(0.2, self.settings.ack_wait_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await d.in_progress()
+            with contextlib.suppress(Exception):
+                await self.store.update(job.id, guard=mine, heartbeat_at=time.time())
+
+    def _on_progress(self, running: _Running, fraction: float, step: int | None, steps: int | None) -> None:
+        fraction = min(1.0, max(0.0, fraction))
+        job = running.job
+        asyncio.ensure_future(
+            self.bus.publish(
+                constants.events_subject(job.id),
+                {"type": "progress", "id": job.id, "progress": fraction, "step": step, "steps": steps},
+            )
+        )
+        now = time.monotonic()
+        if now - running.last_progress_write >= _PROGRESS_WRITE_INTERVAL or fraction >= 1.0:
+            running.last_progress_write = now
+            asyncio.ensure_future(self._write_progress(job, fraction))
+
+    async def _write_progress(self, job: Job, fraction: float) -> None:
+        with contextlib.suppress(Exception):
+            await self.store.update(job.id, guard=self._mine(job.attempts), progress=fraction)
+
+    # -- outcomes ----------------------------------------------------------------------
+    async def _succeed(self, job: Job, d: Any, result: ToolResult, seconds: float, mine: Any) -> None:
+        from genq.models import FileRef
+
+        refs = []
+        used: set[str] = set()
+        for i, f in enumerate(result.files):
+            name = f.name if _SAFE_NAME.match(f.name or "") and f.name not in used else f"result-{i + 1}"
+            used.add(name)
+            key = constants.result_key(job.id, name)
+            await self.blobs.put(key, f.data, f.content_type)
+            etag = hashlib.sha256(f.data).hexdigest()[:32]
+            refs.append(FileRef(name=name, key=key, content_type=f.content_type, size_bytes=len(f.data), etag=etag))
+        now = time.time()
+        seed = result.seed if result.seed is not None else job.seed
+        done = await self.store.transition(
+            job.id,
+            [Status.RUNNING],
+            guard=mine,
+            status=Status.SUCCEEDED,
+            progress=1.0,
+            completed_at=now,
+            expires_at=now + job.ttl_seconds,
+            results=tuple(refs),
+            result_meta={"seed": seed, "duration_seconds": round(seconds, 4), "metrics": result.metrics or {}},
+            error=None,
+            delivery=None,
+        )
+        await d.ack()
+        if done is not None:
+            self.metrics.jobs_finished.labels(self.name, "succeeded").inc()
+            await self._emit(done)
+
+    async def _interrupted(self, job: Job, d: Any, reason: str, mine: Any) -> None:
+        now = time.time()
+        if reason == "shutdown":
+            back = await self.store.transition(
+                job.id, [Status.RUNNING], guard=mine, status=Status.QUEUED, progress=0.0, worker=None, delivery=None
+            )
+            await d.nak(0)
+            if back is not None:
+                await self._emit(back)
+            return
+        if reason == "deadline":
+            await self._fail(
+                job, d, "deadline_exceeded",
+                f"The job ran longer than its deadline of {job.deadline_seconds:g} seconds.", mine,
+            )
+            return
+        done = await self.store.transition(
+            job.id, [Status.RUNNING], guard=mine, status=Status.CANCELLED, completed_at=now,
+            expires_at=now + job.ttl_seconds, delivery=None,
+        )
+        await d.ack()
+        if done is not None:
+            self.metrics.jobs_finished.labels(self.name, "cancelled").inc()
+            await self._emit(done)
+
+    async def _fail(self, job: Job, d: Any, code: str, message: str, mine: Any) -> None:
+        now = time.time()
+        done = await self.store.transition(
+            job.id, [Status.RUNNING], guard=mine, status=Status.FAILED, completed_at=now,
+            expires_at=now + job.ttl_seconds, error={"code": code, "message": message}, delivery=None,
+        )
+        await d.ack()
+        if done is not None:
+            self.metrics.jobs_finished.labels(self.name, "failed").inc()
+            await self._emit(done)
+
+    async def _retry_or_fail(self, job: Job, d: Any, code: str, message: str, delay: float | None, mine: Any) -> None:
+        if job.attempts >= job.max_attempts:
+            await self._fail(job, d, code, f"{message} (gave up after {job.attempts} attempts)", mine)
+            return
+        delay = delay if delay is not None else backoff(
+            job.attempts, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds
+        )
+        back = await self.store.transition(
+            job.id, [Status.RUNNING], guard=mine, status=Status.QUEUED, progress=0.0, worker=None, delivery=None,
+            error={"code": code, "message": message},
+        )
+        await d.nak(delay)
+        if back is not None:
+            self.metrics.job_retries.labels(self.name).inc()
+            await self._emit(back)
+
+    async def _emit(self, job: Job) -> None:
+        with contextlib.suppress(Exception):
+            await self.bus.publish(
+                constants.events_subject(job.id), {"type": "status", "id": job.id, "status": job.status.value}
+            )
