@@ -8,6 +8,7 @@ import base64
 import io
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -17,6 +18,8 @@ from PIL import Image
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
+# Converted model weights go to a per-run cache, not the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="genq-test-cache-")
 
 from genq.adapters.nats_server import free_port  # noqa: E402
 from genq.embedded import Embedded  # noqa: E402

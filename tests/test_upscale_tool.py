@@ -178,7 +178,8 @@ def test_tiles_join_without_seams_and_report_progress(tool, cache_dir):
     whole = np.asarray(decode(tool.run(make_call(data))), dtype=np.int16)
     tiled_tool = UpscaleTool(make_spec(cacheDir=str(cache_dir), tileSize=16))
     seen: list[tuple[float, int | None, int | None]] = []
-    result = tiled_tool.run(make_call(data, progress=lambda f, step=None, steps=None: seen.append((f, step, steps))))
+    progress = lambda f, step=None, steps=None: seen.append((f, step, steps))  # noqa: E731
+    result = tiled_tool.run(make_call(data, progress=progress))
     assert result.metrics["tiles"] == 6  # 3 x 2 tiles of 16 px
     assert np.abs(np.asarray(decode(result), dtype=np.int16) - whole).max() <= 1
     fractions = [f for f, _, _ in seen]

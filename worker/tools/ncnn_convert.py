@@ -305,6 +305,7 @@ def convert_to_file(
     os.close(fd)
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in model.state_dict.items()}, tmp, metadata=model.metadata)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a shared cache should be readable
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

