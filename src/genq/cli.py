@@ -57,6 +57,8 @@ def up(
         typer.echo(f"error: {config} does not exist", err=True)
         raise typer.Exit(2)
     registry = _registry(s)
+    if demo:
+        typer.echo("note: --demo's tiny diffusers models arrive with the diffusers tools; running the configured tools")
     asyncio.run(embedded.serve(s, registry))
 
 
@@ -229,10 +231,11 @@ def submit(
 
 
 def _follow(c: httpx.Client, job: dict) -> dict:
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeElapsedColumn(), transient=True, file=sys.stderr) as bar:
+                  TimeElapsedColumn(), transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task(f"{job['id']} {job['status']}", total=1.0)
         try:
             with c.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=None) as r:

@@ -140,6 +140,8 @@ class Delivery(Protocol):
 
 
 class Subscription(Protocol):
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]: ...
+    async def next(self, timeout: float) -> dict[str, Any] | None: ...
     async def unsubscribe(self) -> None: ...
 
 
@@ -161,11 +163,18 @@ class Bus(Protocol):
     async def pull(self, tool: str) -> Delivery | None:
         """The next job of ``tool`` in dispatch order, without waiting; None if none."""
 
-    async def wait_for_work(self, tool: str, timeout: float) -> None:
+    def work_token(self, tool: str) -> int:
+        """A token to take *before* ``pull``; ``wait_for_work`` returns at once if work was
+        announced since, so no announcement is ever missed between the two calls."""
+
+    async def wait_for_work(self, tool: str, token: int, timeout: float) -> None:
         """Return when new work for ``tool`` may be available, or after ``timeout``."""
 
     async def remove(self, stream_seq: int) -> None:
         """Delete one job message (cancelled or failed while queued); no error if gone."""
+
+    async def nak_subject(self, reply: str) -> None:
+        """Hand back a delivery by its ack subject (its worker is known to be dead)."""
 
     async def backlog(self, tool: str) -> int:
         """Messages of ``tool`` pending plus in flight."""
@@ -173,8 +182,9 @@ class Bus(Protocol):
     async def publish(self, subject: str, data: dict[str, Any]) -> None:
         """Fire-and-forget core message (cancel, events, warm)."""
 
-    async def subscribe(self, subject: str) -> AsyncIterator[dict[str, Any]]:
-        """Messages on ``subject`` (wildcards allowed) until the iterator is closed."""
+    async def subscribe(self, subject: str) -> Subscription:
+        """Messages on ``subject`` (wildcards allowed): iterate it, or ``await sub.next(timeout)``;
+        ``unsubscribe()`` ends it."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,50 @@
+"""The `genq` command as a REST client against a real genq."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+from PIL import Image
+
+from conftest import ADMIN, png_bytes
+
+
+async def run(*args: str, key: str = ADMIN, url: str, cwd=None) -> tuple[int, str, str]:
+    env = {**os.environ, "GENQ_URL": url, "GENQ_KEY": key}
+    p = await asyncio.create_subprocess_exec(sys.executable, "-m", "genq.cli", *args, env=env, cwd=cwd,
+                                             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(p.communicate(), 60)
+    return p.returncode, out.decode(), err.decode()
+
+
+async def test_keys_submit_wait_status_jobs(live, tmp_path):
+    code, out, err = await run("keys", "create", "--name", "cli-user", "--tier", "premium", url=live.url)
+    assert code == 0, err
+    key = json.loads(out)["key"]
+    src = tmp_path / "in.png"
+    src.write_bytes(png_bytes(10, 8))
+    target = tmp_path / "big.png"
+    code, out, err = await run("submit", "upscale", "--variant", "lanczos", "--param", "scale=2", "--image", str(src),
+                               "--wait", "-o", str(target), key=key, url=live.url)
+    assert code == 0, err
+    assert Image.open(target).size == (20, 16)
+    job_id = json.loads(err[err.index("{"):])["id"]
+    code, out, _ = await run("status", job_id, key=key, url=live.url)
+    assert code == 0 and json.loads(out)["status"] == "succeeded"
+    code, out, _ = await run("jobs", "--status", "succeeded", key=key, url=live.url)
+    assert code == 0 and job_id in out and "1 of 1" in out
+    code, _, err = await run("status", job_id, key="gq_wrong", url=live.url)
+    assert code == 1 and "401 unauthorized" in err
+
+
+async def test_admin_lists_everyone(live):
+    alice = await live.new_key(name="alice")
+    async with live.client(alice) as a, live.client() as admin:
+        jid = (await a.post("/v1/jobs", json={"tool": "echo"})).json()["id"]
+        assert (await a.get("/v1/jobs", params={"all": "true"})).status_code == 403
+        everyone = (await admin.get("/v1/jobs", params={"all": "true"})).json()
+        assert jid in [j["id"] for j in everyone["jobs"]]
+        assert (await admin.get(f"/v1/jobs/{jid}")).status_code == 200
