@@ -48,7 +48,7 @@ class GenqMiddleware:
                 "payload_too_large" if length >= 0 else "invalid_input",
                 f"The request body is larger than {self.max_body} bytes." if length >= 0 else "Invalid Content-Length.",
                 {"max_bytes": self.max_body} if length >= 0 else {},
-            ))
+            ), close=length < 0)
             self._observe(scope, method, 413, start)
             return
 
@@ -98,11 +98,17 @@ class GenqMiddleware:
         self.metrics.http_seconds.labels(method, path).observe(time.perf_counter() - start)
 
 
-async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
+async def _send_json(send: Send, status: int, payload: dict[str, Any], *, close: bool = False) -> None:
+    """An early error response. A 413 keeps the connection open on purpose: the server then
+    reads and discards the rest of the body, so the client, still writing it, gets to read
+    the answer. Closing with unread data makes the kernel send a reset, and the client sees
+    a broken connection instead of the 413. Only a body we cannot frame (a bad
+    Content-Length) closes the connection."""
     import json
 
     data = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            (b"connection", b"close")]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})

@@ -152,9 +152,6 @@ async def test_oversize_bodies(live):
         # a 5 MB string param in JSON is within the body limit: the tool's schema refuses it
         r = await post(c, json={"tool": "echo", "params": {"text": "x" * (5 * MB)}})
         assert_error(r, 422, "validation_error")
-        # an invalid Content-Length
-        r = await post(c, content=b"{}", headers={"Content-Type": "application/json", "Content-Length": "-5"})
-        assert r.status_code == 400 or r.status_code == 413
 
 
 async def test_params_and_fields(live):

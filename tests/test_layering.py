@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_pip_install_and_import_contracts(tmp_path):
     target = tmp_path / "site"
+    # Never start Python with the repo root as cwd: ./operator would shadow the stdlib's.
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(ROOT)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for pkg in ("api", "worker", "operator", "adapters"):
         assert (target / "genq" / pkg / "__init__.py").exists()
@@ -35,5 +37,5 @@ def test_everything_imports_and_stdlib_operator_is_intact():
         "assert hasattr(operator, 'itemgetter') and genq.operator.__name__ == 'genq.operator'\n"
         "import sys; assert 'torch' not in sys.modules, 'the API must not pull in the ML stack'\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tempfile.gettempdir(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import subprocess
+import tempfile
 import sys
 import textwrap
 import time
@@ -262,7 +263,9 @@ def test_without_torch_realesrgan_falls_back_to_lanczos_and_nothing_imports_torc
         print(json.dumps(out))
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    # cwd away from the repo root, whose ./operator would shadow the stdlib's operator.
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=tempfile.gettempdir())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == '{"lanczos": ["lanczos", [120, 90]], "realesrgan": ["lanczos", [120, 90]]}'
     assert "torch/spandrel not installed" in proc.stderr and "using Lanczos" in proc.stderr

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from genq import constants
@@ -120,8 +121,12 @@ async def _parse_multipart(request: Request, svc: JobService) -> Submission:
     s = svc.settings
     try:
         form = await request.form(max_files=s.max_files, max_fields=64, max_part_size=s.max_field_bytes)
-    except MultiPartException as e:
-        msg = str(e)
+    except (MultiPartException, HTTPException) as e:
+        # Starlette turns its MultiPartException into HTTPException(400, detail=message)
+        # when the request belongs to an app; both carry the parser's message.
+        if isinstance(e, HTTPException) and e.status_code != 400:
+            raise
+        msg = e.message if isinstance(e, MultiPartException) else str(e.detail)
         if "Too many files" in msg or "Too many fields" in msg:
             raise ApiError("validation_error", msg, {"max_files": s.max_files}) from e
         if "Part exceeded maximum size" in msg:

@@ -85,6 +85,7 @@ def api(
 def worker(
     tool: str = typer.Option(..., help="The tool this worker runs."),
     data_dir: Optional[Path] = typer.Option(None),
+    config: Optional[Path] = typer.Option(None, help="genq.yaml with the tools (default: GENQ_CONFIG or ./genq.yaml)."),
     nats_url: Optional[str] = typer.Option(None, help="Default: GENQ_NATS_URL, or the embedded server of --data-dir."),
     slots: Optional[int] = typer.Option(None, help="Jobs at once (default concurrencyPerWorker)."),
 ) -> None:
@@ -93,8 +94,11 @@ def worker(
     from genq.worker.tools import build_tool
     from genq.worker.worker import Worker
 
-    s = _settings(data_dir=data_dir, nats_url=nats_url)
+    s = _settings(data_dir=data_dir, nats_url=nats_url, config=config)
     _logging(s.log_level)
+    if config is not None and not config.exists():
+        typer.echo(f"error: {config} does not exist", err=True)
+        raise typer.Exit(2)
     url = s.nats_url
     if not url:
         f = s.resolved_data_dir() / "nats.url"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,7 +64,9 @@ class Embedded:
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.nats is not None:
-            self._nats_url = await asyncio.to_thread(self.nats.start)
+            # Started from this (the main) thread on purpose: Linux's parent-death signal
+            # fires when the *thread* that forked exits, and this one lives as long as genq.
+            self._nats_url = self.nats.start()
             (self.data_dir / "nats.url").write_text(self._nats_url)
         self.rt = build_runtime(self.settings, self.registry, self._nats_url)
         await self.rt.open()
@@ -118,7 +122,17 @@ async def serve(settings: Settings, registry: Registry, *, announce: Callable[[s
             announce("Ctrl-C to stop")
 
         announcer = asyncio.create_task(_announce())
-        await server.serve()
+        # uvicorn re-raises the SIGINT/SIGTERM it caught once it has stopped serving, into
+        # the handlers it found when it started. With the default ones that kills the
+        # process right here, before the drain below; give it handlers that do nothing,
+        # and put the defaults back afterwards so a second signal cuts the drain short.
+        main = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        try:
+            await server.serve()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         announcer.cancel()
     finally:
         announce("draining running jobs …")

@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_rev ON jobs(rev);
+CREATE INDEX IF NOT EXISTS jobs_seq ON jobs(seq);
 CREATE INDEX IF NOT EXISTS jobs_owner_id ON jobs(owner, id);
 CREATE INDEX IF NOT EXISTS jobs_tool_status ON jobs(tool, status);
 CREATE INDEX IF NOT EXISTS jobs_owner_status ON jobs(owner, status);
