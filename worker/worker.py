@@ -185,7 +185,11 @@ class Worker:
 
     # -- the slot loop -----------------------------------------------------------------
     async def _slot(self, index: int) -> None:
-        await self.loaded.wait()
+        loaded = asyncio.create_task(self.loaded.wait())
+        stopping = asyncio.create_task(self._stopping.wait())
+        await asyncio.wait({loaded, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        loaded.cancel()
+        stopping.cancel()
         while not self._stopping.is_set():
             token = self.bus.work_token(self.name)
             try:
