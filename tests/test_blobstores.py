@@ -33,8 +33,10 @@ def _start_moto(log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log, "ab") as out:
+        # cwd = the log's folder, never the repo root (./operator shadows the stdlib's).
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            cwd=log.parent,
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},

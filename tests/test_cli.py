@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sys
+import tempfile
 
 from PIL import Image
 
@@ -14,7 +15,7 @@ from conftest import ADMIN, png_bytes
 
 async def run(*args: str, key: str = ADMIN, url: str, cwd=None) -> tuple[int, str, str]:
     env = {**os.environ, "GENQ_URL": url, "GENQ_KEY": key}
-    p = await asyncio.create_subprocess_exec(sys.executable, "-m", "genq.cli", *args, env=env, cwd=cwd,
+    p = await asyncio.create_subprocess_exec(sys.executable, "-m", "genq.cli", *args, env=env, cwd=cwd or tempfile.gettempdir(),
                                              stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(p.communicate(), 60)
     return p.returncode, out.decode(), err.decode()
