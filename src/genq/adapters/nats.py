@@ -112,7 +112,7 @@ class NatsBus:
         self._kick_subs: dict[str, Any] = {}
         self._kick_gen: dict[str, int] = {}
         self._kick_event: dict[str, asyncio.Event] = {}
-        self._consumers_ready: set[str] = set()
+        self._closing = False
 
     # -- lifecycle ---------------------------------------------------------------------
     async def connect(self) -> None:
@@ -120,7 +120,8 @@ class NatsBus:
             log.warning("nats: %s", e)
 
         async def _disc() -> None:
-            log.warning("nats: disconnected from %s", self.url)
+            if not self._closing:
+                log.warning("nats: disconnected from %s", self.url)
 
         async def _reconn() -> None:
             log.info("nats: reconnected to %s", self.url)
@@ -141,6 +142,7 @@ class NatsBus:
         await self._ensure_stream()
 
     async def close(self) -> None:
+        self._closing = True
         if self._nc is not None and not self._nc.is_closed:
             try:
                 await self._nc.drain()
@@ -195,7 +197,6 @@ class NatsBus:
                 # An older definition (another maxAttempts or ackWait): update it in place.
                 log.info("updating consumer %s: %s", name, e)
                 await self._js.add_consumer(constants.JOBS_STREAM, cfg)
-        self._consumers_ready.add(tool)
 
     # -- jobs ----------------------------------------------------------------------------
     async def publish_job(self, tool: str, priority: str, job_id: str, dedupe_id: str | None = None) -> int:
