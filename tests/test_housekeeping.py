@@ -1,0 +1,59 @@
+"""Reconciliation: the pure decisions, and republishing a job that was stored but never
+reached the stream (the API died between the two writes)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ulid import ULID
+
+from genq.models import Job, Priority, Status
+from genq.operator.housekeeping import Action, decide
+from test_api_flows import poll
+
+KW = dict(heartbeat_stale=10.0, unpublished_grace=5.0, deadline_grace=2.0)
+
+
+def job(**kw) -> Job:
+    base = dict(id="J", owner="o", tool="t", variant="v", priority=Priority.NORMAL, params={}, created_at=1000.0)
+    base.update(kw)
+    return Job(**base)
+
+
+def test_decide():
+    now = 2000.0
+    assert decide(job(status=Status.SUCCEEDED, expires_at=now), now, **KW) is Action.EXPIRE
+    assert decide(job(status=Status.FAILED, expires_at=now + 1), now, **KW) is Action.NONE
+    running = dict(status=Status.RUNNING, started_at=now - 100, heartbeat_at=now - 1, attempts=1, max_attempts=3)
+    assert decide(job(**running, deadline_seconds=97), now, **KW) is Action.DEADLINE
+    assert decide(job(**running, deadline_seconds=99), now, **KW) is Action.NONE  # inside the grace
+    stale = {**running, "heartbeat_at": now - 11}
+    assert decide(job(**stale), now, **KW) is Action.NONE  # JetStream will redeliver it
+    assert decide(job(**{**stale, "attempts": 3}), now, **KW) is Action.LOST  # no delivery left
+    assert decide(job(status=Status.QUEUED, stream_seq=None, created_at=now - 6), now, **KW) is Action.REPUBLISH
+    assert decide(job(status=Status.QUEUED, stream_seq=None, created_at=now - 1), now, **KW) is Action.NONE
+    assert decide(job(status=Status.QUEUED, stream_seq=7, created_at=now - 60), now, **KW) is Action.NONE
+
+
+async def test_stored_but_unpublished_job_is_republished(live):
+    rt = live.emb.rt
+    stored = await rt.store.create(Job(id=str(ULID()), owner="admin", tool="echo", variant="default",
+                                       priority=Priority.NORMAL, params={"text": "orphan", "seed": 7}, seed=7))
+    live.emb.housekeeper.unpublished_grace = 0.5
+    async with live.client() as c:
+        done = await poll(c, stored.id, timeout=15)
+        assert done["status"] == "succeeded" and done["result"]["seed"] == 7 and done["attempts"] == 1
+
+
+async def test_running_job_of_a_dead_worker_with_no_attempts_left_fails(live):
+    rt = live.emb.rt
+    import time
+
+    now = time.time()
+    j = await rt.store.create(Job(id=str(ULID()), owner="admin", tool="echo", variant="default", priority=Priority.NORMAL,
+                                  params={}, status=Status.RUNNING, attempts=3, max_attempts=3, started_at=now - 60,
+                                  heartbeat_at=now - 60, worker="gone", stream_seq=999999))
+    await asyncio.sleep(1.0)
+    async with live.client() as c:
+        done = await poll(c, j.id, timeout=10)
+        assert done["status"] == "failed" and done["error"]["code"] == "worker_lost"
