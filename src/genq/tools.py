@@ -23,6 +23,14 @@ _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 SEED_SCHEMA = {"type": "integer", "minimum": 0, "maximum": 2**32 - 1, "description": "Random seed; drawn at random when missing and returned in result.seed."}
 
+#: ``sampler`` names of the ``textToImage`` kind; the worker maps them to diffusers schedulers.
+SAMPLER_NAMES = (
+    "default", "euler", "euler_a", "heun", "lms", "ddim", "pndm",
+    "dpm++", "dpm++_karras", "dpm++_sde", "dpm++_sde_karras", "unipc", "lcm",
+)
+
+OUTPUT_FORMAT_SCHEMA = {"type": "string", "enum": ["png", "webp", "jpeg"], "description": "Result file format; png (the default) carries the generation parameters as text chunks."}
+
 #: Parameter schemas of the built-in kinds (SPEC §4). Unknown params are refused.
 BUILTIN_PARAMS: dict[str, dict[str, Any]] = {
     "upscale": {
@@ -42,6 +50,7 @@ BUILTIN_PARAMS: dict[str, dict[str, Any]] = {
             "seed": SEED_SCHEMA,
             "true_cfg_scale": {"type": "number", "minimum": 0, "maximum": 20},
             "steps": {"type": "integer", "minimum": 1, "maximum": 100},
+            "output_format": OUTPUT_FORMAT_SCHEMA,
         },
     },
     "textToImage": {
@@ -55,9 +64,10 @@ BUILTIN_PARAMS: dict[str, dict[str, Any]] = {
             "height": {"type": "integer", "minimum": 64, "maximum": 4096, "multipleOf": 8},
             "steps": {"type": "integer", "minimum": 1, "maximum": 150},
             "cfg_scale": {"type": "number", "minimum": 0, "maximum": 30},
-            "sampler": {"type": "string"},
+            "sampler": {"type": "string", "enum": list(SAMPLER_NAMES), "description": "Scheduler; `default` is the model's own. A model refuses samplers its scheduler is not compatible with."},
             "seed": SEED_SCHEMA,
             "num_images": {"type": "integer", "minimum": 1, "maximum": 4, "default": 1},
+            "output_format": OUTPUT_FORMAT_SCHEMA,
         },
     },
 }

