@@ -49,3 +49,14 @@ async def test_admin_lists_everyone(live):
         everyone = (await admin.get("/v1/jobs", params={"all": "true"})).json()
         assert jid in [j["id"] for j in everyone["jobs"]]
         assert (await admin.get(f"/v1/jobs/{jid}")).status_code == 200
+
+
+async def test_models_tiny_writes_a_runnable_config(tmp_path):
+    from genq.tools import load_registry
+
+    cfg = tmp_path / "genq.yaml"
+    code, out, err = await run("models", "tiny", "--dir", str(tmp_path / "m"), "--config", str(cfg), url="http://unused")
+    assert code == 0, err
+    registry = load_registry(cfg)
+    assert {s.kind for s in registry} == {"imageEdit", "textToImage", "upscale"}
+    assert (tmp_path / "m" / "tiny-sd" / "model_index.json").is_file()

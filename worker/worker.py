@@ -378,6 +378,9 @@ class Worker:
         await d.ack()
         if done is not None:
             self.metrics.jobs_finished.labels(self.name, "succeeded").inc()
+            sps = (result.metrics or {}).get("steps_per_second")
+            if isinstance(sps, int | float) and sps > 0:
+                self.metrics.steps_per_second.labels(self.name).observe(sps)
             await self._emit(done)
 
     async def _interrupted(self, job: Job, d: Any, reason: str, mine: Any) -> None:

@@ -22,6 +22,8 @@ from genq.tools import Registry, load_registry
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="genq: GPU generation tools as queued jobs.")
 keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys (admin).")
 app.add_typer(keys_app, name="keys")
+models_app = typer.Typer(no_args_is_help=True, help="Model folders.")
+app.add_typer(models_app, name="models")
 
 
 def _settings(**overrides) -> Settings:
@@ -56,9 +58,15 @@ def up(
     if config is not None and not config.exists():
         typer.echo(f"error: {config} does not exist", err=True)
         raise typer.Exit(2)
-    registry = _registry(s)
     if demo:
-        typer.echo("note: --demo's tiny diffusers models arrive with the diffusers tools; running the configured tools")
+        from genq.tools import registry_from_dict
+        from genq.worker.tools.tiny_models import write_demo_models
+
+        models = s.resolved_data_dir() / "demo-models"
+        typer.echo(f"demo: tiny random models for image-edit, text-to-image and upscale in {models}")
+        registry = registry_from_dict(write_demo_models(models))
+    else:
+        registry = _registry(s)
     asyncio.run(embedded.serve(s, registry))
 
 
@@ -153,6 +161,26 @@ def operator() -> None:
         await rt.close()
 
     asyncio.run(main())
+
+
+@models_app.command("tiny")
+def models_tiny(
+    dir: Path = typer.Option(Path("./genq-models"), "--dir", help="Where to write the model folders."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Also write a genq.yaml that uses them here."),
+) -> None:
+    """Write tiny randomly initialised diffusers models for all three built-in tools
+    (offline, seconds on a CPU) and print a genq.yaml that runs them."""
+    import yaml
+
+    from genq.worker.tools.tiny_models import write_demo_models
+
+    cfg = write_demo_models(dir)
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    if config is not None:
+        config.write_text(text)
+        typer.echo(f"wrote {config}; start with: genq up --config {config}")
+    else:
+        typer.echo(text)
 
 
 # -- REST clients ------------------------------------------------------------------------

@@ -21,6 +21,10 @@ class Metrics:
         self.queue_wait_seconds = Histogram("genq_queue_wait_seconds", "Submit to start of a job.", ["tool"], buckets=_DURATION_BUCKETS, registry=r)
         self.job_retries = Counter("genq_job_retries", "Attempts handed back for a retry.", ["tool"], registry=r)
         self.model_load_seconds = Histogram("genq_model_load_seconds", "Time to load a tool's model.", ["tool"], buckets=_DURATION_BUCKETS, registry=r)
+        self.steps_per_second = Histogram(
+            "genq_steps_per_second", "Denoising steps per second of one job (diffusers tools).", ["tool"],
+            buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128), registry=r,
+        )
         self.http_requests = Counter("genq_http_requests", "HTTP requests answered.", ["method", "route", "status"], registry=r)
         self.http_seconds = Histogram(
             "genq_http_request_seconds", "HTTP request latency.", ["method", "route"],
