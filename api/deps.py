@@ -10,11 +10,12 @@ from genq.api.service import JobService
 from genq.runtime import Runtime
 
 
-def runtime(request: Request) -> Runtime:
+# async: FastAPI runs a plain ``def`` dependency in its thread pool (a thread hop per request).
+async def runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def service(request: Request) -> JobService:
+async def service(request: Request) -> JobService:
     return request.app.state.service
 
 

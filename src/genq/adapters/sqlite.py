@@ -225,21 +225,17 @@ class SQLiteStore:
         return self._db
 
     async def _write(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        # execute_fetchall: one hop to aiosqlite's thread per statement (execute, fetchall
+        # and close as separate awaits were three).
         try:
-            cur = await self._conn.execute(sql, tuple(args))
-            rows = list(await cur.fetchall())
-            await cur.close()
-            return rows
+            return list(await self._conn.execute_fetchall(sql, tuple(args)))
         except sqlite3.OperationalError as e:
             if "disk is full" in str(e) or "database or disk is full" in str(e):
                 raise StorageFull(str(e)) from e
             raise
 
     async def _rows(self, sql: str, args: Iterable[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
-        cur = await self._conn.execute(sql, args if isinstance(args, dict) else tuple(args))
-        rows = list(await cur.fetchall())
-        await cur.close()
-        return rows
+        return list(await self._conn.execute_fetchall(sql, args if isinstance(args, dict) else tuple(args)))
 
     async def _sync(self, full: bool = False) -> None:
         """Bring the dispatch-order index up to date with the table."""

@@ -1,0 +1,185 @@
+"""Shared by the bench scripts: start/stop the server processes, CPU accounting, stats."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+from _servers import ADMIN  # noqa: E402
+
+
+def _fast_httpcore() -> None:
+    """httpcore 1.0.9 runs ``import sniffio`` on every async connection-pool event; in
+    this venv sniffio is not installed (anyio 4.16 no longer pulls it in), so each call
+    is a failed import that walks sys.path: ~2.5 ms of client CPU per request, which
+    made the load generator, not the server, the bottleneck (~400 req/s). The load
+    generator runs only on asyncio, so answer that import with a stub."""
+    try:
+        import sniffio  # noqa: F401
+    except ImportError:
+        import contextvars
+        import types
+
+        stub = types.ModuleType("sniffio")
+        stub.current_async_library = lambda: "asyncio"  # type: ignore[attr-defined]
+        stub.current_async_library_cvar = contextvars.ContextVar("current_async_library_cvar", default=None)  # type: ignore[attr-defined]
+        stub.thread_local = types.SimpleNamespace(name=None)  # type: ignore[attr-defined]
+        stub.AsyncLibraryNotFoundError = RuntimeError  # type: ignore[attr-defined]
+        sys.modules["sniffio"] = stub
+
+
+_fast_httpcore()
+
+from genq.adapters.nats_server import free_port  # noqa: E402
+
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def python_tool(name: str, entrypoint: str, **pool: Any) -> dict[str, Any]:
+    from benchtools import PARAMS
+
+    return {"tool": {"kind": "python", "name": name, "entrypoint": entrypoint, "params": PARAMS, "inputs": [0, 0]},
+            "maxWorkers": 1, "maxQueued": 1_000_000, "resultTTLSeconds": 86400, "activeDeadlineSeconds": 60, **pool}
+
+
+#: Settings that keep the limits out of the way: premium rate limit far above any load
+#: here (the admin bootstrap key is premium and has no per-key queue limit).
+BENCH_SETTINGS = {"rate_premium": "100000000/minute", "default_key_max_queued": 1_000_000}
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, data_dir: Path | None, log: Path):
+        self.proc, self.url, self.data_dir, self.log = proc, url, data_dir, log
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout: float = 30) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            if self.proc.poll() is not None:
+                return
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        self.proc.kill()
+        self.proc.wait(5)
+
+
+def _spawn(args: list[str], log: Path, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    logf = log.open("w")
+    proc = subprocess.Popen([sys.executable, str(BENCH / "_servers.py"), *args], stdout=subprocess.PIPE, stderr=logf,
+                            text=True, env=env, cwd=str(ROOT))
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("READY "):
+            return proc, line.split()[1]
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"server did not start; see {log}:\n{log.read_text()[-3000:]}")
+
+
+def start_genq(work: Path, config: dict[str, Any], *, settings: dict[str, Any] | None = None, stop_workers: str = "",
+               loop: str = "asyncio", profile: Path | None = None, name: str = "genq") -> Server:
+    data = work / f"{name}-data"
+    port = free_port()
+    args = ["genq", "--port", str(port), "--data-dir", str(data), "--config", json.dumps(config),
+            "--settings", json.dumps({**BENCH_SETTINGS, **(settings or {})}), "--stop-workers", stop_workers, "--loop", loop]
+    if profile:
+        args += ["--profile", str(profile)]
+    log = work / f"{name}.log"
+    proc, url = _spawn(args, log)
+    return Server(proc, url, data, log)
+
+
+def start_bare(work: Path, *, loop: str = "asyncio", profile: Path | None = None) -> Server:
+    port = free_port()
+    args = ["bare", "--port", str(port), "--loop", loop]
+    if profile:
+        args += ["--profile", str(profile)]
+    log = work / "bare.log"
+    proc, url = _spawn(args, log)
+    return Server(proc, url, None, log)
+
+
+@contextlib.contextmanager
+def workdir(keep: bool = False) -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="genq-bench-"))
+    try:
+        yield d
+    finally:
+        if not keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError):
+                    todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """user+system CPU seconds of a process and its children (e.g. genq + nats-server)."""
+    total = 0
+    for p in _tree(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def self_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def pct(values: list[float], q: float) -> float:
+    """q-th percentile (0-100), nearest-rank on the sorted list."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = max(0, min(len(s) - 1, round(q / 100 * len(s) + 0.5) - 1))
+    return s[k]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def machine() -> str:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores ({cpu}), Python {sys.version.split()[0]}, no GPU"
