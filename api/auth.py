@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from limits import parse
-from limits.storage import MemoryStorage
-from limits.strategies import MovingWindowRateLimiter
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import MovingWindowRateLimiter
 
 from genq import constants
 from genq.api.errors import ApiError
@@ -41,16 +41,19 @@ class Principal:
 
 
 class RateLimiter:
-    """A moving window per key (the ``limits`` library), with the RateLimit-* numbers."""
+    """A moving window per key (the ``limits`` library), with the RateLimit-* numbers.
+
+    The asyncio flavour of ``limits``: its in-memory storage expires keys with a task on
+    the event loop, where the threaded one started a timer thread every few milliseconds."""
 
     def __init__(self, tiers: dict[str, str]):
         self._limits = {tier: parse(spec) for tier, spec in tiers.items()}
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
 
-    def hit(self, principal: Principal) -> dict[str, str]:
+    async def hit(self, principal: Principal) -> dict[str, str]:
         item = self._limits.get(principal.tier) or self._limits["standard"]
-        allowed = self._limiter.hit(item, principal.id)
-        stats = self._limiter.get_window_stats(item, principal.id)
+        allowed = await self._limiter.hit(item, principal.id)
+        stats = await self._limiter.get_window_stats(item, principal.id)
         reset = max(0, int(stats.reset_time - time.time()) + 1)
         headers = {
             "RateLimit-Limit": str(item.amount),

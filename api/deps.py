@@ -23,7 +23,7 @@ async def principal(request: Request) -> Principal:
     state = request.app.state
     who = await state.auth.principal(request)
     request.scope.setdefault("state", {})["ratelimit_headers"] = None
-    headers = state.limiter.hit(who)
+    headers = await state.limiter.hit(who)
     request.scope["state"]["ratelimit_headers"] = headers
     return who
 

@@ -192,8 +192,7 @@ class JobService:
         return None
 
     async def _check_limits(self, spec: ToolSpec, principal: Principal) -> None:
-        counts = await self.rt.store.counts(spec.name)
-        if counts.queued >= spec.max_queued:
+        if await self.rt.store.queued_count(spec.name) >= spec.max_queued:
             raise ApiError("queue_full", f"The {spec.name} queue is full ({spec.max_queued} jobs waiting).",
                            {"tool": spec.name, "max_queued": spec.max_queued},
                            headers={"Retry-After": str(await self._retry_after(spec))})

@@ -93,6 +93,9 @@ class JobStore(Protocol):
 
     async def counts(self, tool: str) -> ToolCounts: ...
 
+    async def queued_count(self, tool: str) -> int:
+        """Jobs of ``tool`` waiting (cheap: called on every submit)."""
+
     async def owner_active(self, owner: str) -> int:
         """Jobs of one owner that are queued."""
 

@@ -204,10 +204,22 @@ class ParamsError(ValueError):
         self.errors = errors
 
 
+_VALIDATORS: dict[int, tuple[dict[str, Any], jsonschema.Draft202012Validator]] = {}
+
+
+def _validator(schema: dict[str, Any]) -> jsonschema.Draft202012Validator:
+    """One compiled validator per schema object (building one per request is wasted work)."""
+    hit = _VALIDATORS.get(id(schema))
+    if hit is None or hit[0] is not schema:
+        hit = (schema, jsonschema.Draft202012Validator(schema))
+        _VALIDATORS[id(schema)] = hit
+    return hit[1]
+
+
 def validate_params(spec: ToolSpec, params: dict[str, Any]) -> dict[str, Any]:
     """Validate ``params`` against the tool's schema and fill in schema defaults."""
     schema = spec.params_schema
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = _validator(schema)
     errors = sorted(validator.iter_errors(params), key=lambda e: list(e.path))
     if errors:
         raise ParamsError(

@@ -17,6 +17,7 @@ import asyncio
 import base64
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ from sortedcontainers import SortedList
 
 from genq.models import ApiKey, FileRef, Job, Priority, Status
 from genq.ports import JobFilter, Page, StorageFull, ToolCounts, Unavailable
+
+#: Longest a write by another process may take to show in positions and queue counts.
+SYNC_INTERVAL = 0.05
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -59,6 +63,8 @@ CREATE INDEX IF NOT EXISTS jobs_tool_status ON jobs(tool, status);
 CREATE INDEX IF NOT EXISTS jobs_owner_status ON jobs(owner, status);
 CREATE INDEX IF NOT EXISTS jobs_expires ON jobs(expires_at) WHERE expires_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_status_hb ON jobs(status, heartbeat_at);
+CREATE INDEX IF NOT EXISTS jobs_done ON jobs(tool, status, completed_at);
+CREATE INDEX IF NOT EXISTS jobs_unpublished ON jobs(created_at) WHERE status = 'queued' AND stream_seq IS NULL;
 CREATE TABLE IF NOT EXISTS keys (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -191,6 +197,7 @@ class SQLiteStore:
         self._db: aiosqlite.Connection | None = None
         self._index = _QueueIndex()
         self._sync_lock = asyncio.Lock()
+        self._last_sync = 0.0
 
     # -- lifecycle -------------------------------------------------------------------
     async def open(self) -> None:
@@ -237,9 +244,23 @@ class SQLiteStore:
     async def _rows(self, sql: str, args: Iterable[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         return list(await self._conn.execute_fetchall(sql, args if isinstance(args, dict) else tuple(args)))
 
+    def _note(self, job: Job | None) -> Job | None:
+        """Apply this process's own write to the index at once (rows read by a later sync
+        are applied again, harmlessly: a row only ever shows its latest state)."""
+        if job is not None:
+            self._index.apply(job.id, job.tool, job.status.value, job.priority.rank, job.seq)
+        return job
+
     async def _sync(self, full: bool = False) -> None:
-        """Bring the dispatch-order index up to date with the table."""
+        """Bring the dispatch-order index up to date with writes by other processes.
+
+        Own writes are applied as they happen (``_note``), so the table is read at most
+        every ``SYNC_INTERVAL`` seconds: another process's writes (a ``genq worker`` on the
+        same file) show up in positions and counts within that time."""
+        if not full and time.monotonic() - self._last_sync < SYNC_INTERVAL:
+            return
         async with self._sync_lock:
+            self._last_sync = time.monotonic()
             if full:
                 self._index = _QueueIndex()
                 rows = await self._rows(
@@ -277,8 +298,7 @@ class SQLiteStore:
                 job.seed, job.worker, _encode_data(job),
             ),
         )
-        created = _row_to_job(rows[0])
-        return created
+        return self._note(_row_to_job(rows[0]))
 
     async def get(self, job_id: str) -> Job | None:
         rows = await self._rows("SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -314,41 +334,14 @@ class SQLiteStore:
         bad = set(changes) - _UPDATABLE
         if bad:
             raise ValueError(f"cannot change {sorted(bad)}")
-        current = await self.get(job_id)
-        for _ in range(5):
-            if current is None:
-                return None
-            if expect is not None and current.status.value not in expect:
-                return None
-            if version is not None and current.version != version:
-                return None
-            if guard is not None and not guard(current):
-                return None
-            new = current.evolve(**changes)
-            sets = [
-                "variant = ?", "status = ?", "started_at = ?", "completed_at = ?", "expires_at = ?",
-                "heartbeat_at = ?", "deadline_at = ?", "stream_seq = ?", "attempts = ?", "progress = ?",
-                "seed = ?", "worker = ?", "data = ?", "priority = ?", "prank = ?",
-                "version = version + 1", "rev = (SELECT MAX(rev) + 1 FROM jobs)",
-            ]
-            args: list[Any] = [
-                new.variant, new.status.value, new.started_at, new.completed_at, new.expires_at,
-                new.heartbeat_at, _deadline_at(new), new.stream_seq, new.attempts, new.progress,
-                new.seed, new.worker, _encode_data(new), new.priority.value, new.priority.rank,
-            ]
-            if requeue:
-                sets.append("seq = (SELECT MAX(seq) + 1 FROM jobs)")
-            rows = await self._write(
-                f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND version = ? RETURNING *",
-                (*args, job_id, current.version),
-            )
-            if rows:
-                return _row_to_job(rows[0])
-            # Someone else wrote in between: read afresh and re-check the expectation.
-            if version is not None:
-                return None
-            current = await self.get(job_id)
-        return None
+        try:
+            # Read, check and write in one trip to the connection's thread.
+            return self._note(await self._conn._execute(
+                _cas_in_thread, self._conn._conn, job_id, expect, version, guard, requeue, changes))
+        except sqlite3.OperationalError as e:
+            if "disk is full" in str(e):
+                raise StorageFull(str(e)) from e
+            raise
 
     async def delete(self, job_id: str) -> None:
         await self._write("DELETE FROM jobs WHERE id = ?", (job_id,))
@@ -412,6 +405,10 @@ class SQLiteStore:
             cancelled=done.get("cancelled", 0),
         )
 
+    async def queued_count(self, tool: str) -> int:
+        await self._sync()
+        return len(self._index.queued.get(tool, ()))
+
     async def owner_active(self, owner: str) -> int:
         rows = await self._rows("SELECT COUNT(*) AS n FROM jobs WHERE owner = ? AND status = 'queued'", (owner,))
         return rows[0]["n"]
@@ -441,7 +438,6 @@ class SQLiteStore:
 
     # -- idempotency --------------------------------------------------------------------
     async def idempotency_get(self, owner: str, key: str) -> tuple[str, str] | None:
-        import time
 
         rows = await self._rows(
             "SELECT body_hash, job_id FROM idempotency WHERE owner = ? AND key = ? AND expires_at > ?",
@@ -450,7 +446,6 @@ class SQLiteStore:
         return (rows[0]["body_hash"], rows[0]["job_id"]) if rows else None
 
     async def idempotency_put(self, owner: str, key: str, body_hash: str, job_id: str, expires_at: float) -> tuple[str, str]:
-        import time
 
         await self._write(
             "DELETE FROM idempotency WHERE owner = ? AND key = ? AND expires_at <= ?", (owner, key, time.time())
@@ -505,6 +500,56 @@ class SQLiteStore:
     async def get_key(self, key_id: str) -> ApiKey | None:
         rows = await self._rows("SELECT * FROM keys WHERE id = ?", (key_id,))
         return _row_to_key(rows[0]) if rows else None
+
+
+_CAS_SETS = ", ".join([
+    "variant = ?", "status = ?", "started_at = ?", "completed_at = ?", "expires_at = ?",
+    "heartbeat_at = ?", "deadline_at = ?", "stream_seq = ?", "attempts = ?", "progress = ?",
+    "seed = ?", "worker = ?", "data = ?", "priority = ?", "prank = ?",
+    "version = version + 1", "rev = (SELECT MAX(rev) + 1 FROM jobs)",
+])
+
+
+def _cas_in_thread(
+    conn: sqlite3.Connection,
+    job_id: str,
+    expect: list[str] | None,
+    version: int | None,
+    guard: Callable[[Job], bool] | None,
+    requeue: bool,
+    changes: dict[str, Any],
+) -> Job | None:
+    """Compare-and-set, run on the connection's own thread. The ``version = ?`` in the
+    UPDATE keeps it atomic against writers in other processes; on a lost race the row is
+    read afresh and the expectation checked again."""
+    for _ in range(5):
+        # fetchall, not fetchone: a statement stepped to its end is reset at once, so an
+        # UPDATE ... RETURNING commits here and not whenever its cursor is collected.
+        rows = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchall()
+        if not rows:
+            return None
+        current = _row_to_job(rows[0])
+        if expect is not None and current.status.value not in expect:
+            return None
+        if version is not None and current.version != version:
+            return None
+        if guard is not None and not guard(current):
+            return None
+        new = current.evolve(**changes)
+        args = (
+            new.variant, new.status.value, new.started_at, new.completed_at, new.expires_at,
+            new.heartbeat_at, _deadline_at(new), new.stream_seq, new.attempts, new.progress,
+            new.seed, new.worker, _encode_data(new), new.priority.value, new.priority.rank,
+        )
+        sets = _CAS_SETS + (", seq = (SELECT MAX(seq) + 1 FROM jobs)" if requeue else "")
+        written = conn.execute(
+            f"UPDATE jobs SET {sets} WHERE id = ? AND version = ? RETURNING *", (*args, job_id, current.version)
+        ).fetchall()
+        if written:
+            return _row_to_job(written[0])
+        if version is not None:
+            return None
+    return None
 
 
 def _row_to_key(r: sqlite3.Row) -> ApiKey:
