@@ -1,0 +1,104 @@
+"""Platform efficiency: 200 text-to-image jobs through genq (REST submit → result) against
+the same 200 pipeline calls in a bare Python loop, same tiny model, same thread count,
+same run. Prints jobs/s for both and the ratio (issue #3 target: genq ≥ 0.95 × bare).
+
+    python bench/pipeline_efficiency.py [--jobs 200] [--steps 8] [--size 64] [--rounds 2]
+
+The model is the tiny random Stable Diffusion that ``genq models tiny`` writes; both sides
+load it with ``from_pretrained`` once and use one torch thread. genq runs its full
+embedded stack (nats-server child, SQLite, local blobs) with one worker slot; its figure
+runs from the first submit to the last job's completion, downloads excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ADMIN, median, start_genq, workdir  # noqa: E402
+
+BARE = r"""
+import json, sys, time, torch
+torch.set_num_threads(1)
+from diffusers import AutoPipelineForText2Image
+path, jobs, steps, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+pipe = AutoPipelineForText2Image.from_pretrained(path)
+pipe.set_progress_bar_config(disable=True)
+pipe("warm up", width=size, height=size, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
+t0 = time.perf_counter()
+for i in range(jobs):
+    image = pipe(f"prompt {i}", width=size, height=size, num_inference_steps=steps,
+                 generator=torch.Generator().manual_seed(i)).images[0]
+print(json.dumps({"seconds": time.perf_counter() - t0}))
+"""
+
+
+def run_bare(model: Path, jobs: int, steps: int, size: int, work: Path) -> float:
+    out = subprocess.run([sys.executable, "-c", BARE, str(model), str(jobs), str(steps), str(size)],
+                         capture_output=True, text=True, cwd=work, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+
+
+async def run_genq(server, jobs: int, steps: int, size: int) -> float:
+    async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60) as c:
+        warm = await c.post("/v1/jobs", json={"tool": "t2i", "params": {"prompt": "warm up", "width": size, "height": size, "steps": steps, "seed": 0}, "wait": 120})
+        assert warm.json()["status"] == "succeeded", warm.text
+        t0 = time.perf_counter()
+        ids = []
+        for i in range(jobs):
+            r = await c.post("/v1/jobs", json={"tool": "t2i", "params": {"prompt": f"prompt {i}", "width": size, "height": size, "steps": steps, "seed": i}})
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+        pending = set(ids)
+        while pending:
+            await asyncio.sleep(0.2)
+            page = (await c.get("/v1/jobs", params={"status": "succeeded", "limit": 500})).json()
+            pending -= {j["id"] for j in page["jobs"]}
+            failed = (await c.get("/v1/jobs", params={"status": "failed", "limit": 1})).json()["total"]
+            assert failed == 0, "a job failed"
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    a = ap.parse_args()
+    from genq.worker.tools.tiny_models import write_text_to_image
+
+    with workdir() as work:
+        model = write_text_to_image(work / "tiny-sd")
+        config = {"tools": [{"tool": {"kind": "textToImage", "name": "t2i"}, "model": str(model), "maxWorkers": 1,
+                             "maxQueued": 100_000, "options": {"device": "cpu", "dtype": "float32", "threads": 1}}]}
+        server = start_genq(work, config)
+        bare_s, genq_s = [], []
+        try:
+            for r in range(a.rounds):
+                bare_s.append(run_bare(model, a.jobs, a.steps, a.size, work))
+                genq_s.append(asyncio.run(run_genq(server, a.jobs, a.steps, a.size)))
+                print(f"  round {r + 1}: bare {a.jobs / bare_s[-1]:6.2f} jobs/s   genq {a.jobs / genq_s[-1]:6.2f} jobs/s   "
+                      f"ratio {bare_s[-1] / genq_s[-1]:.3f}", flush=True)
+        finally:
+            server.stop()
+    b, g = median(bare_s), median(genq_s)
+    ratio = b / g
+    print(f"{a.jobs} jobs, {a.steps} steps, {a.size} px, 1 torch thread, median of {a.rounds} rounds:")
+    print(f"  bare loop  {a.jobs / b:6.2f} jobs/s  ({1000 * b / a.jobs:.1f} ms/job)")
+    print(f"  genq       {a.jobs / g:6.2f} jobs/s  ({1000 * g / a.jobs:.1f} ms/job; platform {1000 * (g - b) / a.jobs:+.1f} ms/job)")
+    print(f"ratio genq / bare = {ratio:.3f}   target >= 0.95: {'MET' if ratio >= 0.95 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
