@@ -155,6 +155,7 @@ class ImageEditTool:
     def run(self, call: ToolCall) -> ToolResult:
         variant = call.variant or self.spec.default_variant
         m, v = self._ensure(variant)
+        self.runtime.apply_threads()  # per run: the thread count is per OS thread (see Runtime)
         n = len(call.inputs)
         if n < 1 or n > MAX_IMAGES:
             raise ToolError(f"image edit takes 1 to {MAX_IMAGES} images, got {n}", code="invalid_input")

@@ -139,6 +139,10 @@ class Runtime:
         return getattr(_torch(), self.dtype)
 
     def apply_threads(self) -> None:
+        """Set torch's intra-op thread count. OpenMP keeps it per OS thread, and tools run
+        on whichever executor thread is free, so tools call this at the start of every
+        run, not only at load: a different count changes the reduction order, and with
+        it the output bytes (same seed, different image)."""
         if self.threads:
             _torch().set_num_threads(self.threads)
 

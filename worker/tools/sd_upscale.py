@@ -78,6 +78,7 @@ class SDUpscaler:
             )
 
     def upscale(self, rgb: Image.Image, scale: int, call: ToolCall) -> tuple[Image.Image, dict[str, Any]]:
+        self.runtime.apply_threads()  # per run: the thread count is per OS thread (see Runtime)
         self.check_size(rgb.width, rgb.height)
         w, h = rgb.size
         pw, ph = -w % self.multiple, -h % self.multiple

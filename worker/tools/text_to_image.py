@@ -147,6 +147,7 @@ class TextToImageTool:
         variant = call.variant or self.spec.default_variant
         extra = self._extra(variant)
         m = self._ensure(variant)
+        self.runtime.apply_threads()  # per run: the thread count is per OS thread (see Runtime)
         p = call.params
         prompt = p["prompt"]
         width = int(p.get("width") or m.default_size[0])

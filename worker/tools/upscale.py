@@ -363,6 +363,9 @@ class UpscaleTool:
         """Run the model over ``rgb`` (H, W, 3 uint8) tile by tile; (upscaled uint8, tiles)."""
         import torch
 
+        if self.threads:  # per run: OpenMP keeps the thread count per OS thread
+            torch.set_num_threads(int(self.threads))
+
         s = model.scale
         h, w = rgb.shape[:2]
         p = min(self.pre_pad, h - 1, w - 1)
