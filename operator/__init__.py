@@ -1,6 +1,12 @@
-"""genq's reconciler: retention, deadlines, lost and unpublished jobs.
+"""genq's operator: reconciliation beside the job flow, never in its hot path.
 
-``genq up`` runs :class:`~genq.operator.housekeeping.Housekeeper` in-process; the kopf
-operator (cluster mode) calls the same decisions. Neighbours: the ports only; never in the
-hot path of a job.
+- :mod:`.housekeeping` — retention, deadlines, lost and unpublished jobs (a pure
+  ``decide`` plus a loop); ``genq up`` runs it in-process.
+- :mod:`.resources`, :mod:`.scaling`, :mod:`.conditions` — pure functions: the worker
+  Deployment of a ToolPool, the replicas it should have, its status conditions.
+- :mod:`.backlog` — a ToolPool's JetStream backlog and warm requests.
+- :mod:`.handlers` — the kopf handlers (the only module here that imports kopf and the
+  Kubernetes client), started by ``run_operator()``.
+
+Neighbours: the ports and adapters only; never the API or the worker.
 """

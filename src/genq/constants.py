@@ -81,3 +81,69 @@ DB_FILE: Final = "genq.db"
 NATS_DIR: Final = "nats"
 BLOBS_DIR: Final = "blobs"
 ADMIN_KEY_FILE: Final = "admin-key.txt"
+
+# Kubernetes (cluster mode). The API group of genq's resources, and every label,
+# annotation, finalizer and field manager the operator puts on objects it owns.
+API_GROUP: Final = "genq.io"
+API_VERSION: Final = "v1alpha1"
+TOOLPOOL_PLURAL: Final = "toolpools"
+GENERATIONJOB_PLURAL: Final = "generationjobs"
+#: Label on a pool's worker pods (and its Deployment): the tool they run. Also the
+#: Deployment's selector and the pool's ``status.selector``.
+LABEL_TOOL: Final = "genq.io/tool"
+LABEL_COMPONENT: Final = "app.kubernetes.io/component"
+LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+#: Prefix of the operator's bookkeeping annotations (kopf's progress and diff-base),
+#: instead of kopf's ``kopf.zalando.org``.
+ANNOTATION_PREFIX: Final = "genq.io"
+#: Pod-template annotation: hash of the pool spec, so a spec change rolls the workers.
+ANNOTATION_SPEC_HASH: Final = "genq.io/spec-hash"
+#: Pod-template annotation: the model the workers load (informational, for kubectl).
+ANNOTATION_MODEL: Final = "genq.io/model"
+#: The operator's finalizer (instead of kopf's ``kopf.zalando.org/KopfFinalizerMarker``).
+FINALIZER: Final = "genq.io/operator"
+#: Field manager of the operator's server-side applies and patches.
+FIELD_MANAGER: Final = "genq-operator"
+#: Lease two operator replicas elect their leader with.
+OPERATOR_LEASE: Final = "genq-operator"
+#: Kubernetes' own annotation: the ReplicaSet deletes pods with the lowest cost first.
+POD_DELETION_COST: Final = "controller.kubernetes.io/pod-deletion-cost"
+#: The worker container's name and health port (``/healthz`` live, ``/readyz`` model loaded).
+WORKER_CONTAINER: Final = "worker"
+WORKER_HEALTH_PORT: Final = 8081
+#: Where a worker pod finds its genq.yaml (the pool's spec, from the pool's ConfigMap).
+WORKER_CONFIG_DIR: Final = "/etc/genq"
+WORKER_CONFIG_FILE: Final = "genq.yaml"
+
+
+def worker_deployment_name(tool: str) -> str:
+    """The worker Deployment (and ConfigMap) of a tool's pool."""
+    return f"{tool}-workers"
+
+
+# Kubernetes job store (genq.adapters.kubernetes): what it writes beside the names above.
+GENERATIONJOB_KIND: Final = "GenerationJob"
+#: The job id as the API shows it (a ULID, upper case); the resource name is its lower case.
+ANNOTATION_JOB_ID: Final = "genq.io/job-id"
+#: Creation time in UNIX seconds with sub-second precision (creationTimestamp has whole seconds).
+ANNOTATION_CREATED_AT: Final = "genq.io/created-at"
+#: Worker slots behind one worker Lease.
+ANNOTATION_SLOTS: Final = "genq.io/slots"
+#: Value of ``LABEL_MANAGED_BY`` on the objects the job store writes.
+MANAGED_BY: Final = "genq"
+#: ConfigMaps holding Idempotency-Key records and Leases of live workers: name prefixes.
+IDEMPOTENCY_OBJECT_PREFIX: Final = "genq-idem-"
+WORKER_LEASE_PREFIX: Final = "genq-worker-"
+
+# GenerationJob condition types and reasons (CamelCase, Kubernetes API conventions).
+CONDITION_QUEUED: Final = "Queued"
+CONDITION_STARTED: Final = "Started"
+CONDITION_SUCCEEDED: Final = "Succeeded"
+REASON_QUEUED: Final = "Queued"
+REASON_STARTED: Final = "Started"
+REASON_RUNNING: Final = "Running"
+REASON_COMPLETED: Final = "Completed"
+REASON_FAILED: Final = "Failed"
+REASON_CANCELLED: Final = "Cancelled"
+REASON_DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
