@@ -67,10 +67,31 @@ async def run_genq(server, jobs: int, steps: int, size: int) -> float:
         last = (await c.get(f"/v1/jobs/{ids[-1]}")).json()
         # The server's own clock stamps completed_at (same machine): no polling granularity.
         elapsed = datetime.fromisoformat(last["completed_at"].replace("Z", "+00:00")).timestamp() - t0
+        jobs = []
         for job_id in ids:
             job = (await c.get(f"/v1/jobs/{job_id}")).json()
             assert job["status"] == "succeeded", job
+            jobs.append(job)
+        BREAKDOWN.append(breakdown(jobs))
         return elapsed
+
+
+BREAKDOWN: list[dict[str, float]] = []
+
+
+def _ts(v: str) -> float:
+    return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+
+
+def breakdown(jobs: list[dict]) -> dict[str, float]:
+    """Where a job's time goes on the server, per job (medians, ms): the pipeline call
+    itself (the tool's own timer), the rest of the run (inputs, PNG encoding, results,
+    status), and the gap between one job ending and the next one starting (ack, pull,
+    compare-and-set)."""
+    pipeline = [1000 * j["result"]["metrics"]["pipeline_seconds"] for j in jobs]
+    run = [1000 * (_ts(j["completed_at"]) - _ts(j["started_at"])) for j in jobs]
+    gaps = [1000 * (_ts(b["started_at"]) - _ts(a["completed_at"])) for a, b in zip(jobs, jobs[1:])]
+    return {"pipeline": median(pipeline), "run_rest": median([r - p for r, p in zip(run, pipeline)]), "gap": median(gaps)}
 
 
 def main() -> None:
@@ -101,6 +122,11 @@ def main() -> None:
     print(f"{a.jobs} jobs, {a.steps} steps, {a.size} px, 1 torch thread, median of {a.rounds} rounds:")
     print(f"  bare loop  {a.jobs / b:6.2f} jobs/s  ({1000 * b / a.jobs:.1f} ms/job)")
     print(f"  genq       {a.jobs / g:6.2f} jobs/s  ({1000 * g / a.jobs:.1f} ms/job; platform {1000 * (g - b) / a.jobs:+.1f} ms/job)")
+    if BREAKDOWN:
+        last = BREAKDOWN[-1]
+        print(f"  genq per job (last round, medians): pipeline call {last['pipeline']:.1f} ms, rest of the run "
+              f"{last['run_rest']:.1f} ms (inputs, PNG encode with metadata, results written, status), "
+              f"gap to the next job {last['gap']:.1f} ms (ack, pull, compare-and-set)")
     print(f"ratio genq / bare = {ratio:.3f}   target >= 0.95: {'MET' if ratio >= 0.95 else 'MISSED'}")
 
 
