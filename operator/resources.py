@@ -148,6 +148,7 @@ def build_worker_deployment(
         # rollouts never cut a job short (terminationGracePeriodSeconds is longer still).
         {"name": "GENQ_DRAIN_SECONDS", "value": str(termination_grace_seconds(spec) - TERMINATION_MARGIN_SECONDS)},
         {"name": "GENQ_KUBE_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "GENQ_WORKER_HEALTH_PORT", "value": str(constants.WORKER_HEALTH_PORT)},
     ]
     taken = {e["name"] for e in container_env}
     container_env += [{"name": k, "value": str(v)} for k, v in sorted((env or {}).items()) if k not in taken]

@@ -96,6 +96,8 @@ def worker(
     config: Optional[Path] = typer.Option(None, help="genq.yaml with the tools (default: GENQ_CONFIG or ./genq.yaml)."),
     nats_url: Optional[str] = typer.Option(None, help="Default: GENQ_NATS_URL, or the embedded server of --data-dir."),
     slots: Optional[int] = typer.Option(None, help="Jobs at once (default concurrencyPerWorker)."),
+    health_port: Optional[int] = typer.Option(None, envvar="GENQ_WORKER_HEALTH_PORT",
+                                              help="Serve /healthz and /readyz (the pod's probes) on this port."),
 ) -> None:
     """The worker role: pull one tool's jobs and run them until SIGTERM."""
     from genq.runtime import build_runtime
@@ -126,6 +128,12 @@ def worker(
         w = Worker(spec, build_tool(spec), store=rt.store, bus=rt.bus, blobs=rt.blobs, settings=s, slots=slots,
                    metrics=rt.metrics)
         await w.start()
+        health = None
+        if health_port:
+            from genq.worker.health import HealthServer
+
+            health = HealthServer(w, health_port)
+            await health.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -133,6 +141,8 @@ def worker(
         print(f"worker {w.id} ready", flush=True)
         await stop.wait()
         await w.stop()
+        if health is not None:
+            await health.stop()
         await rt.close()
 
     asyncio.run(main())
