@@ -131,9 +131,12 @@ async def test_queue_full_and_stats(live):
 async def test_per_key_queue_limit(live):
     k = await live.new_key(name="small", max_queued=2)
     async with live.client(k) as c:
-        codes = [(await c.post("/v1/jobs", json={"tool": "once", "params": {"sleep": 3}})).status_code for _ in range(4)]
-        # one runs (1 slot), two wait, the fourth is over the key's limit
-        assert codes[:3] == [202, 202, 202] and codes[3] == 429
+        first = await c.post("/v1/jobs", json={"tool": "once", "params": {"sleep": 3}})
+        assert first.status_code == 202
+        await poll(c, first.json()["id"], until=("running",))
+        codes = [(await c.post("/v1/jobs", json={"tool": "once", "params": {"sleep": 3}})).status_code for _ in range(3)]
+        # one runs (1 slot), two wait, the fourth is over the key's limit of 2 queued
+        assert codes == [202, 202, 429]
 
 
 async def test_priority_dispatch_order(live):

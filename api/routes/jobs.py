@@ -81,10 +81,12 @@ async def submit(request: Request, who: Principal = Depends(principal), svc: Job
         m = _PREFER_WAIT.search(prefer)
         if m:
             sub.wait = min(float(m.group(1)), svc.settings.max_wait_seconds)
-    job, _created = await svc.submit(sub, who, request.headers.get(constants.IDEMPOTENCY_HEADER))
+    job, created = await svc.submit(sub, who, request.headers.get(constants.IDEMPOTENCY_HEADER))
     if sub.wait > 0:
         job = await svc.wait(job, sub.wait)
-    status = 200 if job.terminal else 202
+    # 200 only when the caller waited (or replays a finished job): a fast worker may end
+    # a new job before this answer is written, and without `wait` that is still a 202.
+    status = 200 if job.terminal and (sub.wait > 0 or not created) else 202
     return JSONResponse(await svc.public(job), status_code=status, headers={"Location": f"/v1/jobs/{job.id}"})
 
 

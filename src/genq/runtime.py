@@ -49,7 +49,6 @@ def build_runtime(settings: Settings, registry: Registry, nats_url: str) -> Runt
     from genq.adapters.sqlite import SQLiteStore
 
     data = settings.resolved_data_dir()
-    store = SQLiteStore(Path(data) / constants.DB_FILE)
     if settings.blob == "s3":
         from genq.adapters.s3 import S3BlobStore
 
@@ -64,4 +63,15 @@ def build_runtime(settings: Settings, registry: Registry, nats_url: str) -> Runt
         from genq.adapters.localfs import LocalBlobStore
 
         blobs = LocalBlobStore(Path(data) / constants.BLOBS_DIR)
-    return Runtime(settings=settings, registry=registry, store=store, keys=store, bus=NatsBus(nats_url), blobs=blobs)
+    store: JobStore
+    keys: KeyStore
+    if settings.store == "kubernetes":
+        from genq.adapters.kubernetes import KubernetesKeyStore, KubernetesStore
+
+        uri_base = f"s3://{settings.s3_bucket}/" if settings.blob == "s3" else f"file://{Path(data) / constants.BLOBS_DIR}/"
+        store = KubernetesStore(settings.resolved_kube_namespace(), kubeconfig=settings.kubeconfig,
+                                uri_base=uri_base, connections=settings.kube_connections)
+        keys = KubernetesKeyStore(store)
+    else:
+        store = keys = SQLiteStore(Path(data) / constants.DB_FILE)
+    return Runtime(settings=settings, registry=registry, store=store, keys=keys, bus=NatsBus(nats_url), blobs=blobs)

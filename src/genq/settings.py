@@ -34,8 +34,20 @@ class Settings(BaseSettings):
     printed once; only its hash is kept."""
 
     # Adapters.
-    store: Literal["sqlite"] = "sqlite"
-    """Job store adapter (``kubernetes`` arrives with the cluster mode)."""
+    store: Literal["sqlite", "kubernetes"] = "sqlite"
+    """Job store adapter: SQLite under ``data_dir`` (one machine), or ``kubernetes``:
+    GenerationJob resources (and API keys as Secrets) in ``kube_namespace``."""
+
+    kube_namespace: str | None = None
+    """Namespace of the GenerationJobs. None: the pod's own namespace in a cluster, else
+    ``default`` — so a chart needs no setting to keep jobs beside the API."""
+    kubeconfig: Path | None = None
+    """Kubeconfig file for the Kubernetes store. None: the pod's service account in a
+    cluster, else ``$KUBECONFIG`` or ``~/.kube/config``, as kubectl does."""
+    kube_connections: int = 256
+    """Most concurrent requests to the apiserver. kubernetes_asyncio has no client-side
+    QPS limiter (client-go's default is 5 QPS, burst 10, far too low for a job queue), so
+    this bounds the load; the apiserver's priority and fairness does the rest."""
 
     blob: Literal["local", "s3"] = "local"
     """Object storage adapter: a folder under ``data_dir`` or an S3-compatible service."""
@@ -97,6 +109,12 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     """Root log level."""
+
+    def resolved_kube_namespace(self) -> str:
+        if self.kube_namespace:
+            return self.kube_namespace
+        pod_ns = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        return pod_ns.read_text().strip() if pod_ns.exists() else "default"
 
     def resolved_data_dir(self) -> Path:
         return self.data_dir.expanduser().resolve()
