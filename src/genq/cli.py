@@ -150,7 +150,8 @@ def worker(
 
 @app.command()
 def operator() -> None:
-    """The operator role: retention, deadlines, lost and unpublished jobs."""
+    """The operator role: retention, deadlines, lost and unpublished jobs; with
+    GENQ_STORE=kubernetes also the ToolPool handlers (worker Deployments and scaling)."""
     from genq.operator.housekeeping import Housekeeper
     from genq.runtime import build_runtime
 
@@ -164,6 +165,20 @@ def operator() -> None:
         rt = build_runtime(s, _registry(s), s.nats_url)
         await rt.open()
         hk = Housekeeper(rt)
+        if s.store == "kubernetes":
+            # Cluster mode: the kopf handlers (ToolPools → worker Deployments, scaling)
+            # under leader election, beside the GenerationJob housekeeping. Housekeeping
+            # is safe on every replica: each of its moves is a compare-and-set.
+            from genq.operator.handlers import OperatorConfig, lead_and_operate
+
+            hk_task = asyncio.create_task(hk.run())
+            try:
+                await lead_and_operate(OperatorConfig.from_env(), kubeconfig=str(s.kubeconfig) if s.kubeconfig else None)
+            finally:
+                hk.stop()
+                await hk_task
+                await rt.close()
+            return
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, hk.stop)
