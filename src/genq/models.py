@@ -109,6 +109,17 @@ class Job:
         return replace(self, **changes)
 
 
+def cas_allows(job: Job, expect: Any, version: int | None, guard: Any) -> bool:
+    """The precondition of every compare-and-set, the same in every ``JobStore``: the job's
+    status is one of ``expect`` (None: any), its version is ``version`` (None: any), and
+    ``guard(job)`` holds (None: always)."""
+    return (
+        (expect is None or job.status in expect)
+        and (version is None or job.version == version)
+        and (guard is None or guard(job))
+    )
+
+
 @dataclass(frozen=True)
 class ApiKey:
     id: str

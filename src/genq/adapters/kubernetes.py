@@ -62,7 +62,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from sortedcontainers import SortedList
 
 from genq import constants
-from genq.models import ApiKey, FileRef, Job, Priority, Status
+from genq.models import ApiKey, FileRef, Job, Priority, Status, cas_allows
 from genq.ports import JobFilter, Page, StorageFull, ToolCounts, Unavailable
 
 log = logging.getLogger(__name__)
@@ -575,12 +575,7 @@ class KubernetesStore:
                     return None
                 current, fresh = await self._read(name), True
                 continue
-            ok = (
-                (expect is None or current.status in expect)
-                and (version is None or current.version == version)
-                and (guard is None or guard(current))
-            )
-            if not ok:
+            if not cas_allows(current, expect, version, guard):
                 if fresh:
                     return None
                 # The cache may lag behind another writer: decide on the apiserver's copy.

@@ -25,7 +25,7 @@ from typing import Any
 import aiosqlite
 from sortedcontainers import SortedList
 
-from genq.models import ApiKey, FileRef, Job, Priority, Status
+from genq.models import ApiKey, FileRef, Job, Priority, Status, cas_allows
 from genq.ports import JobFilter, Page, StorageFull, ToolCounts, Unavailable
 
 #: Longest a write by another process may take to show in positions and queue counts.
@@ -529,11 +529,7 @@ def _cas_in_thread(
         if not rows:
             return None
         current = _row_to_job(rows[0])
-        if expect is not None and current.status.value not in expect:
-            return None
-        if version is not None and current.version != version:
-            return None
-        if guard is not None and not guard(current):
+        if not cas_allows(current, expect, version, guard):
             return None
         new = current.evolve(**changes)
         args = (
