@@ -76,6 +76,23 @@ def data_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
+async def read_events(client, job_id: str) -> list[tuple[str, dict]]:
+    """Every Server-Sent Event of a job's stream, as (event name, decoded data), until the
+    server closes it after the terminal status."""
+    import json
+
+    events: list[tuple[str, dict]] = []
+    async with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        name = None
+        async for line in r.aiter_lines():
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                events.append((name, json.loads(line[5:])))
+    return events
+
+
 class Live:
     """A running genq: its Embedded object, its base URL and an admin client."""
 

@@ -10,7 +10,7 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import ADMIN, data_uri, png_bytes
+from conftest import data_uri, png_bytes, read_events
 
 
 async def poll(c, job_id: str, until=("succeeded", "failed", "cancelled"), timeout: float = 20) -> dict:
@@ -250,15 +250,7 @@ async def test_idempotency_key(live):
 async def test_sse_events(live):
     async with live.client() as c:
         job = (await c.post("/v1/jobs", json={"tool": "echo", "params": {"sleep": 1}})).json()
-        events = []
-        async with c.stream("GET", f"/v1/jobs/{job['id']}/events") as r:
-            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-            name = None
-            async for line in r.aiter_lines():
-                if line.startswith("event:"):
-                    name = line[6:].strip()
-                elif line.startswith("data:"):
-                    events.append((name, json.loads(line[5:])))
+        events = await read_events(c, job["id"])
         statuses = [d["status"] for n, d in events if n == "status"]
         progress = [d for n, d in events if n == "progress"]
         assert statuses[-1] == "succeeded" and "running" in statuses

@@ -14,7 +14,7 @@ from PIL import Image
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from conftest import png_bytes, start_live, stop_live  # noqa: E402
+from conftest import png_bytes, read_events, start_live, stop_live  # noqa: E402
 from diffusion_models import TEST_OPTIONS, image_edit_config, sd_upscaler_dir, text_to_image_dir, unet_lora_dir  # noqa: E402
 from test_api_flows import assert_error  # noqa: E402
 
@@ -114,14 +114,7 @@ async def test_params_out_of_range_are_422(live):
 async def test_progress_events_every_step_then_cancel_mid_run(live):
     async with live.client() as c:
         job = (await c.post("/v1/jobs", json={"tool": "text-to-image", "params": {"prompt": "a cat", "steps": 4}})).json()
-        events = []
-        async with c.stream("GET", f"/v1/jobs/{job['id']}/events") as r:
-            name = None
-            async for line in r.aiter_lines():
-                if line.startswith("event:"):
-                    name = line[6:].strip()
-                elif line.startswith("data:"):
-                    events.append((name, json.loads(line[5:])))
+        events = await read_events(c, job["id"])
         steps = [(d["step"], d["steps"]) for n, d in events if n == "progress"]
         assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
         assert [d["status"] for n, d in events if n == "status"][-1] == "succeeded"
