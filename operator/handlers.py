@@ -61,6 +61,11 @@ class OperatorConfig:
     """``GENQ_*`` settings every worker gets (NATS URL, object storage, timings)."""
     worker_probes: bool = True
     """HTTP probes on the workers' health port; off for worker images that serve none."""
+    worker_service_account: str = "genq-worker"
+    """ServiceAccount the worker pods run as (the Helm chart's worker ServiceAccount)."""
+    worker_env_secret: str = "genq-worker"
+    """Optional Secret whose keys every worker gets as environment variables (e.g. S3
+    credentials), so secrets never appear in the Deployment itself."""
     namespaces: list[str] = field(default_factory=list)
     """Namespaces to watch; empty means cluster-wide."""
     scale_interval: float = 5.0
@@ -86,6 +91,8 @@ class OperatorConfig:
             worker_image=env.get("GENQ_OPERATOR_WORKER_IMAGE", cls.worker_image),
             worker_env=worker_env,
             worker_probes=env.get("GENQ_OPERATOR_WORKER_PROBES", "true").lower() not in ("0", "false", "no"),
+            worker_service_account=env.get("GENQ_OPERATOR_WORKER_SERVICE_ACCOUNT") or cls.worker_service_account,
+            worker_env_secret=env.get("GENQ_OPERATOR_WORKER_ENV_SECRET") or cls.worker_env_secret,
             namespaces=[n for n in ns.split(",") if n],
             scale_interval=float(env.get("GENQ_OPERATOR_SCALE_INTERVAL", cls.scale_interval)),
             ack_wait_seconds=float(env.get("GENQ_ACK_WAIT_SECONDS", cls.ack_wait_seconds)),
@@ -139,6 +146,7 @@ class PoolReconciler:
             cm["metadata"]["name"], namespace, cm, field_manager=constants.FIELD_MANAGER, force=True, _content_type=APPLY)
         dep = resources.build_worker_deployment(
             body, namespace, self.config.worker_image, replicas=replicas, env=self.config.worker_env,
+            env_secret=self.config.worker_env_secret, service_account=self.config.worker_service_account,
             probes=self.config.worker_probes)
         resp = await self.apps.patch_namespaced_deployment(
             dep["metadata"]["name"], namespace, dep, field_manager=constants.FIELD_MANAGER, force=True,
