@@ -21,6 +21,22 @@ def stamp(params, inputs, progress, cancel):
     return ToolResult(files=[], seed=None, metrics={"t_start": t})
 
 
+def png(params, inputs, progress, cancel):
+    """Returns a small PNG (the soak downloads it; retention deletes it): the result-file
+    path of a real tool without a model."""
+    import io
+
+    from PIL import Image
+
+    from genq.worker.tools.base import OutputFile
+
+    n = int(params.get("n", 0))
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (n % 256, (n // 256) % 256, 7)).save(buf, "PNG")
+    progress(1.0, 1, 1)
+    return ToolResult(files=[OutputFile("result.png", "image/png", buf.getvalue())], seed=n)
+
+
 PARAMS = {
     "type": "object",
     "additionalProperties": False,
