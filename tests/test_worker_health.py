@@ -20,6 +20,8 @@ async def test_health_and_readiness(live):
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as c:
             assert (await c.get("/healthz")).json()["worker"] == worker.id
+            metrics = await c.get("/metrics")  # what a PodMonitor scrapes in the cluster
+            assert metrics.status_code == 200 and 'genq_model_load_seconds_count{tool="echo"}' in metrics.text
             ready = await c.get("/readyz")
             assert ready.status_code == 200 and ready.json()["checks"] == {"model": "ok", "bus": "ok"}
             live.emb.nats.kill()

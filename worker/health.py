@@ -1,5 +1,7 @@
 """A worker pod's probes: ``/healthz`` (the process and its event loop answer) and
-``/readyz`` (the model is loaded and the bus is reachable), on their own small port.
+``/readyz`` (the model is loaded and the bus is reachable), on their own small port, with
+the worker's Prometheus metrics at ``/metrics`` (job durations, queue waits, model loads:
+in the cluster only the workers see them).
 
 The operator's worker Deployment points its startup, liveness and readiness probes here
 (``GENQ_WORKER_HEALTH_PORT``); ``genq worker`` serves it when that setting is given.
@@ -14,7 +16,8 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from genq.worker.worker import Worker
@@ -37,7 +40,10 @@ def health_app(worker: Worker) -> Starlette:
         return JSONResponse({"error": {"code": "unavailable", "message": f"Not ready: {failed}.", "details": {"checks": checks}}},
                             status_code=503)
 
-    return Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz)])
+    async def metrics(_: Request) -> Response:
+        return Response(generate_latest(worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)])
 
 
 class HealthServer:
