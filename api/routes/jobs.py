@@ -37,6 +37,18 @@ _ERR = {
 }
 
 
+def _json_body_schema() -> dict[str, Any]:
+    """JobCreate's JSON Schema with its references pointing into the OpenAPI components.
+
+    Pydantic's default puts ``Priority`` under a local ``$defs`` and refers to it as
+    ``#/$defs/Priority``; inside the OpenAPI document that resolves against the document
+    root, where there is no ``$defs``, so clients and generators (schemathesis) could not
+    resolve the JSON body at all. ``Priority`` is a component already (JobPublic uses it)."""
+    schema = JobCreate.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return schema
+
+
 @router.post(
     "",
     status_code=202,
@@ -45,7 +57,7 @@ _ERR = {
     openapi_extra={
         "requestBody": {
             "content": {
-                "application/json": {"schema": JobCreate.model_json_schema()},
+                "application/json": {"schema": _json_body_schema()},
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
