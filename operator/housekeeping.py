@@ -130,6 +130,11 @@ class Housekeeper:
             for job in page.jobs:
                 if job.worker in live_worker_ids:
                     continue
+                if job.attempts >= job.max_attempts:
+                    # Its last delivery: JetStream never delivers it again (MaxDeliver), so
+                    # handed back it would stay queued forever. It ends as a lost job does.
+                    n += await self._apply(job, Action.LOST, time.time())
+                    continue
                 back = await self.rt.store.transition(
                     job.id, [Status.RUNNING], version=job.version, status=Status.QUEUED, progress=0.0, worker=None,
                     delivery=None,
