@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import glob
 import hashlib
 import os
+import secrets
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -98,7 +100,9 @@ class LocalBlobStore:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _remove_dead_writers_tmp(path)
+    # Unique per write: two attempts of one job in one process never share a temporary file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -108,6 +112,26 @@ def _write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _remove_dead_writers_tmp(path: Path) -> None:
+    """Temporary files of this key left by a writer killed mid-write (SIGKILL skips the
+    cleanup above): the next attempt writes the same key, and removes them if their
+    process is gone. Otherwise they would sit beside the result until retention ends."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:-4].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _rmtree_count(folder: Path) -> int:
