@@ -367,8 +367,15 @@ async def operate(
             if not kubeconfig:  # in-cluster (service account) or the default kubeconfig
                 return await kopf.login_via_async_client(**kwargs)
             c = await _configuration(kubeconfig)
+            # A client certificate, or a bearer token (a ServiceAccount's kubeconfig).
+            scheme = token = None
+            auth = (c.api_key or {}).get("authorization") or (c.api_key or {}).get("BearerToken")
+            if auth:
+                prefix = (c.api_key_prefix or {}).get("authorization")
+                scheme, token = (prefix, auth) if prefix else (auth.partition(" ")[0], auth.partition(" ")[2])
             return kopf.ConnectionInfo(server=c.host, ca_path=c.ssl_ca_cert, certificate_path=c.cert_file,
-                                       private_key_path=c.key_file, insecure=not c.verify_ssl)
+                                       private_key_path=c.key_file, scheme=scheme, token=token,
+                                       insecure=not c.verify_ssl)
 
         await kopf.operator(
             registry=registry, settings=settings, standalone=True,
@@ -423,7 +430,8 @@ async def lead_and_operate(config: OperatorConfig, *, kubeconfig: str | None = N
 
     lock = LeaseLock(constants.OPERATOR_LEASE, config.lease_namespace, config.identity, api)
     election = leaderelection.LeaderElection(electionconfig.Config(
-        lock, lease_duration=config.lease_seconds, renew_deadline=config.lease_seconds * 2 / 3,
+        # lease_duration in whole seconds: the Lease's field is an integer (15.0 failed).
+        lock, lease_duration=max(1, round(config.lease_seconds)), renew_deadline=config.lease_seconds * 2 / 3,
         retry_period=max(1.0, config.lease_seconds / 7.5), onstarted_leading=lead, onstopped_leading=stopped))
     task = asyncio.create_task(election.run())
     try:
@@ -431,6 +439,9 @@ async def lead_and_operate(config: OperatorConfig, *, kubeconfig: str | None = N
         if stop_flag is not None:
             waiters.append(asyncio.create_task(_wait_flag(stop_flag)))
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            # The election (or the handlers it runs) failed: never exit 0 on that.
+            raise task.exception()
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
