@@ -97,6 +97,7 @@ class OperatorConfig:
             scale_interval=float(env.get("GENQ_OPERATOR_SCALE_INTERVAL", cls.scale_interval)),
             ack_wait_seconds=float(env.get("GENQ_ACK_WAIT_SECONDS", cls.ack_wait_seconds)),
             lease_namespace=env.get("GENQ_OPERATOR_LEASE_NAMESPACE") or env.get("POD_NAMESPACE") or "default",
+            lease_seconds=float(env.get("GENQ_OPERATOR_LEASE_SECONDS", cls.lease_seconds)),
         )
 
 

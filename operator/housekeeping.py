@@ -1,8 +1,13 @@
-"""Retention, deadlines, lost jobs and republishing, as one reconcile pass over the store.
+"""Retention, deadlines, lost jobs, cancels from outside the API, deletions and
+republishing, as one reconcile pass over the store.
 
 :func:`decide` is pure: given a job and the time it says what must happen. The
 :class:`Housekeeper` loop only does the I/O: it asks the store for due jobs, applies the
 decision by compare-and-set, and tells workers (cancel) and storage (delete) about it.
+
+Beside the due jobs, each pass checks a few of the longest-queued jobs against the stream
+(:meth:`Housekeeper.check_stream`): a queued job whose message is gone from JetStream
+(a purged stream, a restored store) is published again, so no queued job waits forever.
 """
 
 from __future__ import annotations
@@ -27,9 +32,15 @@ class Action(str, enum.Enum):
     DEADLINE = "DeadlineExceeded"
     LOST = "WorkerLost"
     REPUBLISH = "Republished"
+    CANCEL = "Cancelled"
+    FINALIZE = "Deleted"
 
 
 def decide(job: Job, now: float, *, heartbeat_stale: float, unpublished_grace: float, deadline_grace: float) -> Action:
+    if job.deleting:
+        return Action.FINALIZE
+    if not job.active and not job.terminal:
+        return Action.CANCEL
     if job.terminal:
         return Action.EXPIRE if job.expires_at is not None and job.expires_at <= now else Action.NONE
     if job.status is Status.RUNNING:
@@ -52,6 +63,13 @@ class Housekeeper:
         self.heartbeat_stale = s.ack_wait_seconds * 1.5 + 2
         self.unpublished_grace = 5.0
         self.deadline_grace = 2.0
+        #: A job queued this long is checked against the stream (then every
+        #: ``stream_recheck`` seconds); at most ``stream_checks`` checks per pass.
+        self.stream_grace = 30.0
+        self.stream_recheck = 300.0
+        self.stream_checks = 50
+        self._checked: dict[str, float] = {}
+        self._stream_cursor: str | None = None
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
@@ -82,13 +100,60 @@ class Housekeeper:
                     done[action.value] = done.get(action.value, 0) + 1
             except Exception:
                 log.exception("housekeeping: %s on job %s failed", action.value, job.id)
+        try:
+            missing = await self.check_stream(now)
+        except Exception:
+            log.exception("housekeeping: checking queued jobs against the stream failed")
+        else:
+            if missing:
+                done[Action.REPUBLISH.value] = done.get(Action.REPUBLISH.value, 0) + missing
         return done
+
+    async def check_stream(self, now: float) -> int:
+        """Republish queued jobs whose stream message is gone. Walks the queued jobs oldest
+        first, a page per pass, skipping the young and the recently checked; returns how
+        many it republished."""
+        from genq.ports import JobFilter
+
+        page = await self.rt.store.list(JobFilter(status=Status.QUEUED), limit=self.stream_checks * 4,
+                                        cursor=self._stream_cursor, order="asc")
+        self._stream_cursor = page.next_cursor
+        checks = republished = 0
+        for job in page.jobs:
+            if checks >= self.stream_checks:
+                break
+            if job.stream_seq is None or job.created_at > now - self.stream_grace:
+                continue
+            if self._checked.get(job.id, 0.0) > now - self.stream_recheck:
+                continue
+            checks += 1
+            self._checked[job.id] = now
+            if await self.rt.bus.has_message(job.stream_seq):
+                continue
+            # Dedupe by job and lost message: two housekeepers republish it once.
+            seq = await self.rt.bus.publish_job(job.tool, job.priority.value, job.id, f"{job.id}.{job.seq}.{job.stream_seq}")
+            if await self.rt.store.transition(job.id, [Status.QUEUED], version=job.version, stream_seq=seq) is not None:
+                log.warning("job %s was queued but its stream message %s was gone; republished as %s",
+                            job.id, job.stream_seq, seq)
+                republished += 1
+        if len(self._checked) > 100_000:
+            horizon = now - self.stream_recheck
+            self._checked = {k: t for k, t in self._checked.items() if t > horizon}
+        return republished
 
     async def _apply(self, job: Job, action: Action, now: float) -> bool:
         rt = self.rt
         if action is Action.EXPIRE:
             await rt.blobs.delete_prefix(constants.job_prefix(job.id))
             await rt.store.delete(job.id)
+            return True
+        if action is Action.CANCEL:
+            return await self._cancel(job, now, "The job was cancelled (spec.active is false).") is not None
+        if action is Action.FINALIZE:
+            if not job.terminal:
+                await self._cancel(job, now, "The job's record was deleted.")
+            await rt.blobs.delete_prefix(constants.job_prefix(job.id))
+            await rt.store.delete(job.id)  # releases genq's hold on the record
             return True
         if action in (Action.DEADLINE, Action.LOST):
             if action is Action.DEADLINE:
@@ -112,6 +177,22 @@ class Housekeeper:
             seq = await rt.bus.publish_job(job.tool, job.priority.value, job.id, f"{job.id}.{job.seq}")
             return await rt.store.update(job.id, version=job.version, stream_seq=seq) is not None
         return False
+
+    async def _cancel(self, job: Job, now: float, message: str) -> Job | None:
+        """Cancel a queued or running job as ``DELETE /v1/jobs/{id}`` does: by
+        compare-and-set, then the stream message goes and a running worker stops."""
+        done = await self.rt.store.transition(
+            job.id, [Status.QUEUED, Status.RUNNING], version=job.version, status=Status.CANCELLED, completed_at=now,
+            expires_at=now + job.ttl_seconds, error={"code": "cancelled", "message": message}, delivery=None,
+        )
+        if done is None:
+            return None
+        if job.status is Status.QUEUED and job.stream_seq is not None:
+            with contextlib.suppress(Exception):
+                await self.rt.bus.remove(job.stream_seq)
+        await self._notify(job, done.status.value, reason="cancelled")
+        self.rt.metrics.jobs_finished.labels(job.tool, "cancelled").inc()
+        return done
 
     async def _notify(self, job: Job, status: str, *, reason: str) -> None:
         with contextlib.suppress(Exception):

@@ -106,9 +106,10 @@ async def test_auth_and_ownership(live):
 async def test_queue_full_and_stats(live):
     async with live.client() as c:
         ids = []
-        # 2 slots run, 8 may wait: the 11th is refused.
+        # 2 slots run, 8 may wait: the 11th is refused. (Long jobs, cancelled below: none
+        # may finish while a loaded machine is still submitting.)
         for i in range(10):
-            r = await c.post("/v1/jobs", json={"tool": "echo", "params": {"sleep": 2, "text": f"q{i}"}})
+            r = await c.post("/v1/jobs", json={"tool": "echo", "params": {"sleep": 60, "text": f"q{i}"}})
             assert r.status_code == 202, r.text
             ids.append(r.json()["id"])
         await asyncio.sleep(0.5)

@@ -1,5 +1,6 @@
-"""Reconciliation: the pure decisions, and republishing a job that was stored but never
-reached the stream (the API died between the two writes)."""
+"""Reconciliation: the pure decisions, republishing a job that was stored but never
+reached the stream (the API died between the two writes), and one whose stream message
+was lost afterwards."""
 
 from __future__ import annotations
 
@@ -33,6 +34,13 @@ def test_decide():
     assert decide(job(status=Status.QUEUED, stream_seq=None, created_at=now - 6), now, **KW) is Action.REPUBLISH
     assert decide(job(status=Status.QUEUED, stream_seq=None, created_at=now - 1), now, **KW) is Action.NONE
     assert decide(job(status=Status.QUEUED, stream_seq=7, created_at=now - 60), now, **KW) is Action.NONE
+    # spec.active false (kubectl) cancels a live job; a deleted record is finalized first
+    assert decide(job(status=Status.RUNNING, active=False, **{k: v for k, v in running.items() if k != "status"}),
+                  now, **KW) is Action.CANCEL
+    assert decide(job(status=Status.QUEUED, active=False), now, **KW) is Action.CANCEL
+    assert decide(job(status=Status.CANCELLED, active=False), now, **KW) is Action.NONE
+    assert decide(job(status=Status.QUEUED, deleting=True), now, **KW) is Action.FINALIZE
+    assert decide(job(status=Status.SUCCEEDED, deleting=True, expires_at=now + 60), now, **KW) is Action.FINALIZE
 
 
 async def test_stored_but_unpublished_job_is_republished(live):
@@ -57,3 +65,19 @@ async def test_running_job_of_a_dead_worker_with_no_attempts_left_fails(live):
     async with live.client() as c:
         done = await poll(c, j.id, timeout=10)
         assert done["status"] == "failed" and done["error"]["code"] == "worker_lost"
+
+
+async def test_queued_job_whose_stream_message_was_lost_is_republished(live):
+    """Stored as queued with a stream message that is not there (a purged stream, a
+    restored store): housekeeping finds it gone and publishes the job again."""
+    import time
+
+    rt = live.emb.rt
+    live.emb.housekeeper.stream_grace = 0.0
+    lost = await rt.store.create(Job(id=str(ULID()), owner="admin", tool="echo", variant="default", priority=Priority.NORMAL,
+                                     params={"text": "lost", "seed": 11}, seed=11, created_at=time.time() - 60,
+                                     stream_seq=10_000_000))
+    assert lost.stream_seq == 10_000_000 and not await rt.bus.has_message(10_000_000)
+    async with live.client() as c:
+        done = await poll(c, lost.id, timeout=15)
+    assert done["status"] == "succeeded" and done["result"]["seed"] == 11 and done["attempts"] == 1

@@ -274,10 +274,11 @@ def test_job_spec_is_immutable_but_cancel_works(api, ns):
         ({"webhookURL": "https://example.com/hook"}, "webhookURL is immutable"),
     ]:
         refused(api.patch(url, headers=MERGE, json={"spec": change}), message)
-    # Mutable: deadlines and retention; cancel is one way.
+    # Mutable: deadlines, retention, and `active` (false cancels; the API's retry sets it
+    # true again).
     ok(api.patch(url, headers=MERGE, json={"spec": {"ttlSecondsAfterFinished": 60, "activeDeadlineSeconds": 30}}))
     assert ok(api.patch(url, headers=MERGE, json={"spec": {"active": False}}))["spec"]["active"] is False
-    refused(api.patch(url, headers=MERGE, json={"spec": {"active": True}}), "cannot be reactivated")
+    assert ok(api.patch(url, headers=MERGE, json={"spec": {"active": True}}))["spec"]["active"] is True
 
 
 # -- subresources ---------------------------------------------------------------------------

@@ -30,12 +30,26 @@ def _settings(**overrides) -> Settings:
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def _config_path(settings: Settings) -> Path | None:
+    if settings.config is not None:
+        return settings.config
+    default = Path("genq.yaml")
+    return default if default.exists() else None
+
+
 def _registry(settings: Settings) -> Registry:
-    path = settings.config
-    if path is None:
-        default = Path("genq.yaml")
-        path = default if default.exists() else None
-    return load_registry(path)
+    return load_registry(_config_path(settings))
+
+
+def _cluster_runtime(settings: Settings, nats_url: str):
+    """The API's and operator's runtime: with the Kubernetes store and no genq.yaml, the
+    tools are the namespace's ToolPools."""
+    from genq.runtime import build_runtime
+    from genq.tools import Registry
+
+    if settings.store == "kubernetes" and _config_path(settings) is None:
+        return build_runtime(settings, Registry([]), nats_url, tools_from_cluster=True)
+    return build_runtime(settings, _registry(settings), nats_url)
 
 
 def _logging(level: str) -> None:
@@ -78,14 +92,13 @@ def api(
     import uvicorn
 
     from genq.api import create_app
-    from genq.runtime import build_runtime
 
     s = _settings(host=host, port=port)
     _logging(s.log_level)
     if not s.nats_url:
         typer.echo("error: set GENQ_NATS_URL", err=True)
         raise typer.Exit(2)
-    rt = build_runtime(s, _registry(s), s.nats_url)
+    rt = _cluster_runtime(s, s.nats_url)
     uvicorn.run(create_app(rt, manage_runtime=True), host=s.host, port=s.port, log_level="warning")
 
 
@@ -153,7 +166,6 @@ def operator() -> None:
     """The operator role: retention, deadlines, lost and unpublished jobs; with
     GENQ_STORE=kubernetes also the ToolPool handlers (worker Deployments and scaling)."""
     from genq.operator.housekeeping import Housekeeper
-    from genq.runtime import build_runtime
 
     s = _settings()
     _logging(s.log_level)
@@ -162,7 +174,7 @@ def operator() -> None:
         raise typer.Exit(2)
 
     async def main() -> None:
-        rt = build_runtime(s, _registry(s), s.nats_url)
+        rt = _cluster_runtime(s, s.nats_url)
         await rt.open()
         hk = Housekeeper(rt)
         if s.store == "kubernetes":

@@ -103,6 +103,10 @@ ANNOTATION_SPEC_HASH: Final = "genq.io/spec-hash"
 ANNOTATION_MODEL: Final = "genq.io/model"
 #: The operator's finalizer (instead of kopf's ``kopf.zalando.org/KopfFinalizerMarker``).
 FINALIZER: Final = "genq.io/operator"
+#: GenerationJobs are created holding this finalizer; housekeeping releases it once a
+#: deleted job's work is stopped and its objects are gone. Not kopf's: kopf removes its
+#: own finalizer from resources it has no deletion handler for.
+JOB_FINALIZER: Final = "genq.io/job-cleanup"
 #: Field manager of the operator's server-side applies and patches.
 FIELD_MANAGER: Final = "genq-operator"
 #: Lease two operator replicas elect their leader with.

@@ -98,6 +98,14 @@ class Job:
     delivery: str | None = None
     #: Queue order inside (tool, priority); assigned by the store on create/retry.
     seq: int = 0
+    #: False once somebody asked to stop the job outside the API (``kubectl patch gjob``
+    #: with ``spec.active: false``); housekeeping cancels it. Stores without such a
+    #: channel keep it True.
+    active: bool = True
+    #: The job's record is being deleted (a GenerationJob with a deletionTimestamp, held
+    #: by genq's finalizer): housekeeping cancels its work, removes its objects and
+    #: releases it.
+    deleting: bool = False
     #: Bumped by every write; compare-and-set checks it.
     version: int = 0
 

@@ -176,6 +176,9 @@ class Bus(Protocol):
     async def remove(self, stream_seq: int) -> None:
         """Delete one job message (cancelled or failed while queued); no error if gone."""
 
+    async def has_message(self, stream_seq: int) -> bool:
+        """Whether the job message ``stream_seq`` is still in the stream."""
+
     async def nak_subject(self, reply: str) -> None:
         """Hand back a delivery by its ack subject (its worker is known to be dead)."""
 

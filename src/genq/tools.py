@@ -282,6 +282,14 @@ class Registry:
     def get(self, name: str) -> ToolSpec | None:
         return self._tools.get(name)
 
+    def replace(self, specs: list[ToolSpec]) -> list[ToolSpec]:
+        """Swap in a new set of tools at once (the ToolPools of a namespace changed);
+        returns the specs that are new or changed."""
+        tools = {s.name: s for s in specs}
+        changed = [s for s in specs if self._tools.get(s.name) != s]
+        self._tools = tools
+        return changed
+
     def __iter__(self):
         return iter(self._tools.values())
 

@@ -165,6 +165,18 @@ class ControlPlane:
         path.chmod(0o600)
         return path
 
+    def service_account_kubeconfig(self, namespace: str, name: str, hours: int = 2) -> Path:
+        """A kubeconfig that authenticates as ServiceAccount ``namespace/name`` with a
+        token from the TokenRequest API, as a pod of that account would."""
+        token = self.kubectl("create", "token", name, "-n", namespace, f"--duration={hours}h").stdout.strip()
+        path = self.workdir / f"kubeconfig-sa-{namespace}-{name}"
+        config = _kubeconfig(self.server, self.ca_file, self.client_cert, self.client_key, f"{namespace}-{name}")
+        config["users"][0]["user"] = {"token": token}
+        config["contexts"][0]["context"]["namespace"] = namespace
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+        return path
+
     def ssl_context(self, user: str | None = None) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.ca_file))
         if user is None:

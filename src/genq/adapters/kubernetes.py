@@ -51,7 +51,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,9 @@ def job_to_resource(job: Job, namespace: str, uri_base: str) -> dict[str, Any]:
             "namespace": namespace,
             "labels": {constants.LABEL_TOOL: job.tool, constants.LABEL_MANAGED_BY: constants.MANAGED_BY},
             "annotations": {constants.ANNOTATION_JOB_ID: job.id, constants.ANNOTATION_CREATED_AT: repr(job.created_at)},
+            # Created with genq's finalizer (no extra write): a `kubectl delete` of a live
+            # job waits until housekeeping has stopped its work and removed its objects.
+            "finalizers": [constants.JOB_FINALIZER],
         },
         "spec": spec,
     }
@@ -268,6 +271,8 @@ def resource_to_job(obj: dict[str, Any], uri_base: str) -> Job:
         delivery=st.get("delivery"),
         seq=int(st.get("queueSequence") or queue_sequence(created_at)),
         version=int(meta.get("resourceVersion") or 0),
+        active=spec.get("active", True) is not False,
+        deleting=bool(meta.get("deletionTimestamp")) and constants.JOB_FINALIZER in (meta.get("finalizers") or ()),
     )
 
 
@@ -289,6 +294,12 @@ class _Cache:
         self.owner_queued: Counter = Counter()
         self.finished: dict[str, SortedList] = {}  # tool -> (completed_at, name) of succeeded jobs
         self.tombstones: dict[str, int] = {}  # name -> version it was deleted at
+        # For listing without a sort per request, and housekeeping without a full scan:
+        self.ids: SortedList = SortedList()  # job ids
+        self.owner_ids: dict[str, SortedList] = {}  # owner -> job ids
+        self.expiring: SortedList = SortedList()  # (expires_at, name)
+        self.unpublished: set[str] = set()  # queued without a stream message
+        self.attention: set[str] = set()  # being deleted, or inactive and not finished
 
     def put(self, job: Job, generation: int = 1, *, force: bool = False) -> Job:
         name = resource_name(job.id)
@@ -319,6 +330,14 @@ class _Cache:
             self.generation.pop(name, None)
 
     def _index(self, name: str, job: Job) -> None:
+        self.ids.add(job.id)
+        self.owner_ids.setdefault(job.owner, SortedList()).add(job.id)
+        if job.expires_at is not None:
+            self.expiring.add((job.expires_at, name))
+        if job.status is Status.QUEUED and job.stream_seq is None:
+            self.unpublished.add(name)
+        if job.deleting or (not job.active and not job.terminal):
+            self.attention.add(name)
         if job.status is Status.QUEUED:
             self.queued.setdefault(job.tool, SortedList()).add((job.priority.rank, job.seq, name))
             self.owner_queued[job.owner] += 1
@@ -330,6 +349,16 @@ class _Cache:
                 self.finished.setdefault(job.tool, SortedList()).add((job.completed_at, name))
 
     def _unindex(self, name: str, job: Job) -> None:
+        self.ids.discard(job.id)
+        owned = self.owner_ids.get(job.owner)
+        if owned is not None:
+            owned.discard(job.id)
+            if not owned:
+                del self.owner_ids[job.owner]
+        if job.expires_at is not None:
+            self.expiring.discard((job.expires_at, name))
+        self.unpublished.discard(name)
+        self.attention.discard(name)
         if job.status is Status.QUEUED:
             self.queued[job.tool].discard((job.priority.rank, job.seq, name))
             self.owner_queued[job.owner] -= 1
@@ -505,7 +534,8 @@ class KubernetesStore:
         body = job_to_resource(job, self.namespace, self.uri_base)
         obj = await self._call(self._objects_api.create_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, body)
         self._put_object(obj)
-        created = resource_to_job(obj, self.uri_base).evolve(seq=job.seq, max_attempts=job.max_attempts, seed=job.seed)
+        # The status written next is the job's own (queued, or whatever the caller built).
+        created = job.evolve(version=int(obj["metadata"].get("resourceVersion") or 0))
         # The status subresource is not written by a create: write the first status now
         # (until then the job reads as queued all the same).
         for _ in range(CAS_ATTEMPTS):
@@ -606,21 +636,30 @@ class KubernetesStore:
                 current, fresh = await self._read(name), True
                 continue
             written = self._put_object(obj)
+            spec: dict[str, Any] = {}
             if (new.ttl_seconds, new.deadline_seconds) != (current.ttl_seconds, current.deadline_seconds):
-                written = await self._patch_spec(name, new) or written
+                spec["ttlSecondsAfterFinished"] = max(0, math.ceil(new.ttl_seconds))
+                spec["activeDeadlineSeconds"] = max(1, math.ceil(new.deadline_seconds)) if new.deadline_seconds else None
+            if new.status is Status.CANCELLED and current.status is not Status.CANCELLED and current.active:
+                spec["active"] = False  # cancelled through the API: kubectl shows it too
+            elif new.status is Status.QUEUED and current.terminal and not current.active:
+                spec["active"] = True  # retried
+            if spec:
+                written = await self._patch_spec(name, spec) or written
             return written
         return None
 
-    async def _patch_spec(self, name: str, job: Job) -> Job | None:
-        """Retention and deadline live in the spec (a user may edit them with kubectl);
-        the rare change of one by the store is a separate merge patch."""
-        spec: dict[str, Any] = {"ttlSecondsAfterFinished": max(0, math.ceil(job.ttl_seconds)),
-                                "activeDeadlineSeconds": max(1, math.ceil(job.deadline_seconds)) if job.deadline_seconds else None}
+    async def _patch_spec(self, name: str, spec: dict[str, Any]) -> Job | None:
+        """Retention, deadline and ``active`` live in the spec (a user may edit them with
+        kubectl); the rare change of one by the store is a separate merge patch. Only the
+        API and the operator change them: a worker never does (its Role has no patch)."""
         obj = await self._call(self._objects_api.patch_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, name,
                                {"spec": spec}, _content_type="application/merge-patch+json")
         return self._put_object(obj)
 
     async def delete(self, job_id: str) -> None:
+        """Delete the GenerationJob and release genq's finalizer on it (the caller has
+        removed its objects): two requests, the second only while the finalizer holds."""
         name = resource_name(job_id)
         try:
             obj = await self._call(self._objects_api.delete_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, name)
@@ -628,30 +667,73 @@ class KubernetesStore:
             if e.status != 404:
                 raise
             obj = {}
+        for _ in range(CAS_ATTEMPTS):
+            meta = obj.get("metadata") or {}
+            finalizers = meta.get("finalizers") or []
+            if constants.JOB_FINALIZER not in finalizers:
+                break
+            # A merge patch replaces the list whole: keep others' finalizers, and make it
+            # conditional on the version read so a concurrent change is not overwritten.
+            body = {"metadata": {"finalizers": [f for f in finalizers if f != constants.JOB_FINALIZER] or None,
+                                 "resourceVersion": meta.get("resourceVersion")}}
+            try:
+                obj = await self._call(self._objects_api.patch_namespaced_custom_object, GROUP, VERSION, self.namespace,
+                                       PLURAL, name, body, _content_type="application/merge-patch+json")
+            except ApiException as e:
+                if e.status == 404:
+                    obj = {}
+                    break
+                if e.status != 409:
+                    raise
+                try:
+                    obj = await self._call(self._objects_api.get_namespaced_custom_object, GROUP, VERSION, self.namespace,
+                                           PLURAL, name)
+                except ApiException as e2:
+                    if e2.status != 404:
+                        raise
+                    obj = {}
+                    break
         rv = int((obj.get("metadata") or {}).get("resourceVersion") or 0)
         current = self._cache.jobs.get(name)
         self._cache.remove(name, max(rv, current.version if current else 0))
 
     async def list(self, flt: JobFilter, *, limit: int, cursor: str | None, order: str) -> Page:
+        """From the cache's sorted id indexes (per owner, or all): no sort per request."""
         await self._synced.wait()
         from genq.adapters.sqlite import decode_cursor, encode_cursor
 
-        def keep(j: Job) -> bool:
-            return (
-                (flt.owner is None or j.owner == flt.owner)
-                and (flt.status is None or j.status is flt.status)
+        cache = self._cache
+        ids = cache.owner_ids.get(flt.owner, SortedList()) if flt.owner is not None else cache.ids
+        plain = flt.status is None and flt.tool is None and flt.created_after is None and flt.created_before is None
+
+        def keep(job_id: str) -> bool:
+            j = cache.jobs.get(resource_name(job_id))
+            return j is not None and (
+                (flt.status is None or j.status is flt.status)
                 and (flt.tool is None or j.tool == flt.tool)
                 and (flt.created_after is None or j.created_at > flt.created_after)
                 and (flt.created_before is None or j.created_at < flt.created_before)
             )
 
-        matching = sorted((j for j in self._cache.jobs.values() if keep(j)), key=lambda j: j.id, reverse=order == "desc")
-        total = len(matching)
-        if cursor:
-            after = decode_cursor(cursor)
-            matching = [j for j in matching if (j.id < after if order == "desc" else j.id > after)]
-        jobs = matching[:limit]
-        return Page(jobs=jobs, next_cursor=encode_cursor(jobs[-1].id) if len(matching) > limit else None, total=total)
+        total = len(ids) if plain else sum(1 for i in ids if keep(i))
+        desc = order == "desc"
+        after = decode_cursor(cursor) if cursor else None
+        if after is None:
+            walk = ids.irange(reverse=desc)
+        elif desc:
+            walk = ids.irange(maximum=after, inclusive=(True, False), reverse=True)
+        else:
+            walk = ids.irange(minimum=after, inclusive=(False, True))
+        jobs: list[Job] = []
+        more = False
+        for job_id in walk:
+            if not (plain or keep(job_id)):
+                continue
+            if len(jobs) == limit:
+                more = True
+                break
+            jobs.append(cache.jobs[resource_name(job_id)])
+        return Page(jobs=jobs, next_cursor=encode_cursor(jobs[-1].id) if more and jobs else None, total=total)
 
     async def position(self, job: Job) -> int | None:
         await self._synced.wait()
@@ -690,23 +772,28 @@ class KubernetesStore:
         return out
 
     async def due(self, now: float, *, heartbeat_before: float, unpublished_before: float, limit: int = 500) -> list[Job]:
-        """A scan of the cache (no apiserver request): cheap enough per reconcile pass for
-        tens of thousands of jobs."""
+        """From the cache's indexes (no apiserver request, no scan of every job): expired,
+        running past a deadline or silent, unpublished, cancelled with ``spec.active`` or
+        being deleted."""
         await self._synced.wait()
-        out: list[Job] = []
-        for j in list(self._cache.jobs.values()):
-            if len(out) >= limit:
+        cache = self._cache
+        names: dict[str, None] = {}  # ordered, no repeats
+        for name in cache.attention:
+            names[name] = None
+        for expires_at, name in cache.expiring:
+            if expires_at > now:
                 break
-            if j.expires_at is not None and j.expires_at <= now:
-                out.append(j)
-            elif j.status is Status.RUNNING and (
-                (j.deadline_seconds and j.started_at is not None and j.started_at + j.deadline_seconds <= now)
-                or (j.heartbeat_at is not None and j.heartbeat_at < heartbeat_before)
-            ):
-                out.append(j)
-            elif j.status is Status.QUEUED and j.stream_seq is None and j.created_at < unpublished_before:
-                out.append(j)
-        return out
+            names[name] = None
+        for running in cache.running.values():
+            for name in running:
+                j = cache.jobs[name]
+                if (j.deadline_seconds and j.started_at is not None and j.started_at + j.deadline_seconds <= now) or (
+                        j.heartbeat_at is not None and j.heartbeat_at < heartbeat_before):
+                    names[name] = None
+        for name in cache.unpublished:
+            if cache.jobs[name].created_at < unpublished_before:
+                names[name] = None
+        return [cache.jobs[n] for n in list(names)[:limit] if n in cache.jobs]
 
     # -- idempotency: one ConfigMap per (owner, key) -------------------------------------
     def _idem_name(self, owner: str, key: str) -> str:
@@ -890,3 +977,61 @@ class KubernetesKeyStore:
             raise
         self._keys = {h: k for h, k in self._keys.items() if k.id != key_id}
         return True
+
+
+# -- the tools: the namespace's ToolPools ------------------------------------------------------
+
+
+class ToolPoolRegistry:
+    """Keeps a :class:`~genq.tools.Registry` equal to the ToolPools of the store's namespace:
+    the API's (and operator's) tools in a cluster, where the pools are declared once, as
+    resources. A list every ``refresh`` seconds (pools change rarely; a watch would hold a
+    connection per process for nothing); a pool whose spec does not parse is skipped with
+    a warning, and the last good set is kept while the apiserver is away."""
+
+    def __init__(self, store: KubernetesStore, registry: Any, refresh: float = 5.0):
+        self.store = store
+        self.registry = registry
+        self.refresh = refresh
+        self._task: asyncio.Task | None = None
+        self._invalid: set[str] = set()
+
+    async def load(self) -> list[Any]:
+        from genq.tools import ToolSpec
+
+        page = await self.store._call(self.store._objects_api.list_namespaced_custom_object, GROUP, VERSION,
+                                      self.store.namespace, constants.TOOLPOOL_PLURAL)
+        specs = []
+        for obj in page.get("items") or ():
+            name = obj["metadata"]["name"]
+            try:
+                specs.append(ToolSpec.model_validate(obj.get("spec") or {}))
+            except ValueError as e:
+                if name not in self._invalid:
+                    log.warning("ToolPool %s is not a valid tool; skipping it: %s", name, e)
+                self._invalid.add(name)
+                continue
+            self._invalid.discard(name)
+        specs.sort(key=lambda s: s.name)
+        return self.registry.replace(specs)
+
+    def start(self, on_change: Callable[[Any], Awaitable[None]]) -> None:
+        self._task = asyncio.create_task(self._run(on_change), name="genq-toolpools")
+
+    async def _run(self, on_change: Callable[[Any], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(self.refresh)
+            try:
+                for spec in await self.load():
+                    await on_change(spec)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.debug("listing ToolPools failed (%r); keeping the last set", e)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None

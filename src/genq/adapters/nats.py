@@ -274,6 +274,17 @@ class NatsBus:
             if e.code != 404 and e.err_code not in (10037, 10057):
                 log.warning("could not remove stream message %s: %s", stream_seq, e)
 
+    async def has_message(self, stream_seq: int) -> bool:
+        try:
+            await self._js.get_msg(constants.JOBS_STREAM, stream_seq)
+        except nats.js.errors.NotFoundError:
+            return False
+        except nats.js.errors.APIError as e:
+            if e.code == 404 or e.err_code == 10037:
+                return False
+            raise
+        return True
+
     async def backlog(self, tool: str) -> int:
         total = 0
         for prio in constants.PRIORITIES:
