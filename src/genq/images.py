@@ -18,11 +18,20 @@ Order of checks, and the answer each gives:
    over the pixel limit                          -> 413 ``payload_too_large``
    with details ``{width, height, max_pixels}``. A 20000x20000 PNG bomb is refused in
    microseconds without decoding anything.
-5. Pillow's lazy ``Image.open`` (header only, restricted to the sniffed format): failure
+5. metadata, walked by hand over the chunk/segment headers (PNG chunks, JPEG segments up
+   to the first scan, WEBP RIFF chunks) before Pillow parses any of it: more than
+   :data:`MAX_METADATA_BYTES` of non-pixel data, or more than :data:`MAX_CHUNKS`
+   chunks/segments                              -> 400 ``invalid_input``. A 3 MB PNG of
+   200,000 empty text chunks cost Pillow ~1 s of CPU to parse, 250 JPEG APP1 segments of
+   64 KB each ~0.2 s; real files carry kilobytes (an ICC profile, EXIF, XMP, a
+   generation-parameters text chunk), far under the limits.
+6. Pillow's lazy ``Image.open`` (header only, restricted to the sniffed format): failure
    -> 400 ``invalid_input``; its size is re-checked against the limit (413), and Pillow's
    own ``DecompressionBombError`` also maps to 413.
-6. animated (APNG, animated WEBP)               -> 400 ``invalid_input``
-7. full decode (``img.load()``): truncated or corrupt -> 400 ``invalid_input``.
+7. animated (APNG, animated WEBP)               -> 400 ``invalid_input``
+8. full decode (``img.load()``): truncated or corrupt -> 400 ``invalid_input``; so is EXIF
+   metadata Pillow cannot parse (the tools apply the EXIF orientation, and would fail on it
+   after the job was accepted).
 
 The pixel limit is ``min(max_pixels, PIL.Image.MAX_IMAGE_PIXELS)``: checking Pillow's own
 bomb threshold ourselves, before ``Image.open``, has the effect of turning its
@@ -64,6 +73,18 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 # Markers without a length field.
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+#: Non-pixel bytes (PNG ancillary chunks, JPEG APPn/COM segments, WEBP EXIF/XMP/ICCP and
+#: unknown chunks) one image may carry. 4 MB holds the largest ICC profiles and XMP
+#: packets seen in practice with room to spare, and keeps a 20 MB upload of metadata
+#: from costing parse time and memory in the API and then in every tool.
+MAX_METADATA_BYTES = 4 * 1024 * 1024
+#: Chunks (PNG, WEBP) or segments before the first scan (JPEG) one image may have. A 20 MB
+#: PNG written with libpng's 8 KB IDAT chunks has ~2,600; Pillow's parse of each costs
+#: ~4 us, so this bounds it at ~40 ms.
+MAX_CHUNKS = 10_000
+_PNG_PIXEL_CHUNKS = frozenset({b"IHDR", b"PLTE", b"IDAT", b"IEND", b"fdAT"})
+_WEBP_PIXEL_CHUNKS = frozenset({b"VP8X", b"VP8 ", b"VP8L", b"ALPH", b"ANIM", b"ANMF"})
 
 
 class ImageRejected(Exception):
@@ -182,6 +203,56 @@ def _webp_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def metadata_size(data: bytes, fmt: str) -> tuple[int, int]:
+    """(non-pixel bytes, chunks or segments) of a file, from its chunk headers alone.
+
+    Stops counting once past either limit; a malformed structure ends the walk (the
+    decoder then has the last word on it)."""
+    meta = count = 0
+    n = len(data)
+    if fmt == "png":
+        pos = 8
+        while pos + 8 <= n and count <= MAX_CHUNKS and meta <= MAX_METADATA_BYTES:
+            length = int.from_bytes(data[pos : pos + 4], "big")
+            kind = data[pos + 4 : pos + 8]
+            count += 1
+            if kind not in _PNG_PIXEL_CHUNKS:
+                meta += length
+            if kind == b"IEND":
+                break
+            pos += 12 + length
+    elif fmt == "jpeg":
+        pos = 2
+        while pos + 4 <= n and count <= MAX_CHUNKS and meta <= MAX_METADATA_BYTES:
+            if data[pos] != 0xFF:
+                break
+            while pos < n and data[pos] == 0xFF:
+                pos += 1
+            if pos + 3 > n:
+                break
+            marker = data[pos]
+            pos += 1
+            count += 1
+            if marker in _JPEG_STANDALONE:
+                continue
+            if marker in (0xD9, 0xDA):  # end, or the first scan: metadata comes before it
+                break
+            length = int.from_bytes(data[pos : pos + 2], "big")
+            if 0xE0 <= marker <= 0xEF or marker == 0xFE:  # APPn, COM
+                meta += length
+            pos += max(length, 2)
+    elif fmt == "webp":
+        pos = 12
+        while pos + 8 <= n and count <= MAX_CHUNKS and meta <= MAX_METADATA_BYTES:
+            kind = data[pos : pos + 4]
+            length = int.from_bytes(data[pos + 4 : pos + 8], "little")
+            count += 1
+            if kind not in _WEBP_PIXEL_CHUNKS:
+                meta += length
+            pos += 8 + length + (length & 1)
+    return meta, count
+
+
 def _pixel_limit(max_pixels: int) -> int:
     pillow_limit = Image.MAX_IMAGE_PIXELS
     return max_pixels if pillow_limit is None else min(max_pixels, int(pillow_limit))
@@ -228,6 +299,14 @@ def check_image(data: bytes, *, max_bytes: int, max_pixels: int) -> CheckedImage
     if dims is not None and dims[0] * dims[1] > limit:
         raise _too_many_pixels(dims[0], dims[1], limit)
 
+    meta, chunks = metadata_size(data, fmt)
+    if meta > MAX_METADATA_BYTES or chunks > MAX_CHUNKS:
+        raise _invalid(
+            f"The {fmt.upper()} file carries too much metadata (more than {MAX_METADATA_BYTES} bytes "
+            f"or {MAX_CHUNKS} chunks besides the pixels).",
+            format=fmt, max_metadata_bytes=MAX_METADATA_BYTES, max_chunks=MAX_CHUNKS,
+        )
+
     try:
         img = Image.open(io.BytesIO(data), formats=[pil_formats[0]])
     except Image.DecompressionBombError as exc:
@@ -260,6 +339,11 @@ def check_image(data: bytes, *, max_bytes: int, max_pixels: int) -> CheckedImage
             ) from None
         if img.size != (width, height):  # pragma: no cover - defensive
             raise _invalid("The image changed size while decoding.", format=fmt)
+        try:
+            img.getexif().get(0x0112)  # the orientation every tool applies
+        except Exception as exc:  # noqa: BLE001 - a corrupt EXIF block, whatever the parser raised
+            log.debug("cannot parse the EXIF of a %s: %r", fmt, exc)
+            raise _invalid(f"The {fmt.upper()} image's EXIF metadata is corrupt.", format=fmt) from None
         mode = img.mode
 
     return CheckedImage(
