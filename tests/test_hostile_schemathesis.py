@@ -4,7 +4,8 @@ Every operation of ``/openapi.json`` gets requests generated from its schema, bo
 (positive) and schema-violating (negative) ones, with a mix of credentials: the admin key,
 a user key, an unknown key and none. At least 2,000 requests per run; the answer is never a
 5xx, every 4xx is the SPEC error body (``{"error": {code, message, details}}`` with the code
-that goes with the status), and the server still serves afterwards.
+that goes with the status), every 2xx matches the schema and content type the spec
+documents for it, and the server still serves afterwards.
 
 Jobs that exist (one succeeded, one queued behind a long one, one failed) are also fed in
 as ``job_id`` so the routes past the lookup (result, events, cancel, retry) are fuzzed too,
@@ -26,6 +27,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.checks import content_type_conformance, response_schema_conformance
 
 from conftest import ADMIN
 from hostile import GenqProcess, error_body_problem
@@ -131,6 +133,11 @@ def test_generated_requests_never_5xx_and_errors_are_the_spec_body(server):
             if why:
                 problems.append(f"{case.method} {case.formatted_path} -> {r.status_code} not the SPEC body ({why}): "
                                 f"{text[:200]}; {case.as_curl_command()[:400]}")
+        else:  # a success matches what the spec documents for it
+            try:
+                case.validate_response(r, checks=[response_schema_conformance, content_type_conformance])
+            except BaseException as e:  # noqa: BLE001 - schemathesis raises a FailureGroup
+                problems.append(f"{case.method} {case.formatted_path} -> {r.status_code} not as documented: {str(e)[:400]}")
 
     fuzz_seed = int(os.environ.get("GENQ_FUZZ_SEED", "0"))
 

@@ -37,7 +37,8 @@ async def readyz(request: Request) -> Any:
                         status_code=503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
 async def metrics(request: Request) -> Response:
     rt = request.app.state.runtime
     svc = request.app.state.service

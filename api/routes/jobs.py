@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
@@ -34,6 +34,14 @@ _ERR = {
     404: {"description": "Not found"}, 409: {"description": "Conflict"}, 413: {"description": "Too large"},
     415: {"description": "Unsupported media type"}, 422: {"description": "Validation error"},
     429: {"description": "Queue full or rate limited"}, 503: {"description": "Unavailable"},
+}
+
+
+#: A result file is whatever the tool wrote (image/png, application/json...), under its own
+#: content type: documented as any media type rather than one that is wrong for most files.
+_RESULT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The file", "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
+    410: {"description": "Deleted"}, **_ERR,
 }
 
 
@@ -257,7 +265,7 @@ async def retry_job(job_id: str, who: Principal = Depends(principal), svc: JobSe
     return await svc.public(await svc.retry(await svc.load(job_id, who)))
 
 
-@router.get("/{job_id}/result", responses={200: {"content": {"application/octet-stream": {}}}, 410: {"description": "Deleted"}, **_ERR})
+@router.get("/{job_id}/result", response_class=Response, responses=_RESULT_RESPONSES)
 async def get_first_result(job_id: str, request: Request, who: Principal = Depends(principal),
                            svc: JobService = Depends(service)) -> Any:
     """The first result file."""
@@ -268,7 +276,7 @@ async def get_first_result(job_id: str, request: Request, who: Principal = Depen
     return await _download(svc, job, job.results[0].name, request)
 
 
-@router.get("/{job_id}/result/{name}", responses={200: {"content": {"application/octet-stream": {}}}, 410: {"description": "Deleted"}, **_ERR})
+@router.get("/{job_id}/result/{name}", response_class=Response, responses=_RESULT_RESPONSES)
 async def get_result(job_id: str, name: str, request: Request, who: Principal = Depends(principal),
                      svc: JobService = Depends(service)) -> Any:
     """One result file by name."""
