@@ -415,3 +415,78 @@ def test_corpus_is_what_it_says():
             assert im.n_frames == 3, fmt
     assert json.dumps(len(ztxt_bomb(10 * MB))) and len(ztxt_bomb(10 * MB)) < 100_000
     assert b"zTXt" in png_text("zTXt", MB) and b"iTXt" in png_text("iTXt", MB)
+
+
+# --- the metadata limits refuse abuse, not real files ----------------------------------------
+
+
+def _check(data: bytes):
+    from genq.images import check_image
+
+    return check_image(data, max_bytes=20 * MB, max_pixels=40_000_000)
+
+
+def _refused(data: bytes):
+    from genq.images import ImageRejected
+
+    with pytest.raises(ImageRejected) as info:
+        _check(data)
+    return info.value
+
+
+def png_rechunked(png: bytes, size: int) -> bytes:
+    """The same PNG with its image data split into ``size``-byte IDAT chunks (libpng: 8 KB)."""
+    pos, idat, head, tail = 8, b"", b"", b""
+    while pos < len(png):
+        length = struct.unpack(">I", png[pos : pos + 4])[0]
+        kind, body = png[pos + 4 : pos + 8], png[pos + 8 : pos + 8 + length]
+        if kind == b"IDAT":
+            idat += body
+        elif idat:
+            tail += png_chunk(kind, body)
+        else:
+            head += png_chunk(kind, body)
+        pos += 12 + length
+    return png[:8] + head + b"".join(png_chunk(b"IDAT", idat[i : i + size]) for i in range(0, len(idat), size)) + tail
+
+
+def test_real_world_metadata_is_accepted():
+    from PIL import ImageCms
+
+    big = encode(noise("RGB", (2048, 2048)), "PNG", compress_level=1)  # ~12 MB of noise
+    assert 10 * MB < len(big) < 20 * MB
+    assert _check(big).width == 2048
+    assert _check(png_rechunked(big, 8192)).width == 2048  # ~1,500 chunks, as libpng writes them
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    assert _check(encode(noise("RGB", (64, 64)), "JPEG", icc_profile=icc)).format == "jpeg"
+    assert _check(encode(noise("RGB", (64, 64)), "WEBP", icc_profile=icc, exif=_exif_bytes())).format == "webp"
+    assert _check(encode(noise("RGB", (64, 64)), "PNG", icc_profile=icc)).format == "png"
+    # a generation workflow stored as a PNG text chunk (ComfyUI, A1111 "parameters"): 1 MB
+    assert _check(png_text("tEXt", MB)).format == "png"
+    assert _check(png_text("iTXt", 3 * MB)).format == "png"
+    assert _check(encode(noise("RGB", (64, 64)), "JPEG", exif=_exif_bytes(60_000))).format == "jpeg"
+
+
+def _exif_bytes(size: int = 100) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    exif[0x010E] = "d" * size  # ImageDescription
+    return exif.tobytes()
+
+
+def test_metadata_limits_are_exact():
+    from genq import images
+
+    base = encode(noise("RGB", (32, 32)), "PNG")
+    room = images.MAX_METADATA_BYTES - 3  # a tEXt chunk body of "k\0" + value
+    assert _check(png_insert(base, png_chunk(b"tEXt", b"k\0" + b"v" * (room - 2 + 3)))).format == "png"
+    err = _refused(png_insert(base, png_chunk(b"tEXt", b"k\0" + b"v" * (room + 2))))
+    assert (err.status, err.code, err.details["max_metadata_bytes"]) == (400, "invalid_input", images.MAX_METADATA_BYTES)
+    assert "metadata" in err.message
+    few = images.MAX_CHUNKS - 10
+    assert _check(png_insert(base, png_chunk(b"tEXt", b"k\0v") * few)).format == "png"
+    err = _refused(png_insert(base, png_chunk(b"tEXt", b"k\0v") * images.MAX_CHUNKS))
+    assert err.details["max_chunks"] == images.MAX_CHUNKS
+    # metadata after the image data counts too (Pillow reads it when it loads the pixels)
+    err = _refused(base[:-12] + png_chunk(b"tEXt", b"k\0" + b"v" * (images.MAX_METADATA_BYTES + 10)) + base[-12:])
+    assert err.status == 400
