@@ -10,6 +10,7 @@ import binascii
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import secrets
 import time
@@ -26,6 +27,8 @@ from genq.models import ACTIVE, FileRef, Job, Priority, Status
 from genq.ports import PortError, Unavailable
 from genq.runtime import Runtime
 from genq.tools import ParamsError, ToolSpec, coerce_form_params, validate_params
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -177,9 +180,19 @@ class JobService:
         try:
             seq = await self.rt.bus.publish_job(spec.name, job.priority.value, job.id, _msg_id(job))
         except (PortError, Exception) as e:
-            await self._discard(job_id, idem_key, principal, stored=True)
-            raise Unavailable(f"bus: {e}") from e
-        updated = await self.rt.store.update(job.id, stream_seq=seq)
+            if await self._discard(job_id, idem_key, principal, stored=True):
+                raise Unavailable(f"bus: {e}") from e
+            # The record could not be taken back (the store fails too, e.g. a full disk):
+            # the job stands, accepted, and housekeeping publishes it once the bus is back.
+            updated = None
+        else:
+            # Published: accepted, even if noting where it sits fails (a full disk). A worker
+            # notes it on start, and housekeeping's republish of it is deduplicated.
+            try:
+                updated = await self.rt.store.update(job.id, stream_seq=seq)
+            except Exception as e:
+                log.warning("job %s: could not record its stream position (%s); it stays accepted", job.id, e)
+                updated = None
         self.rt.metrics.jobs_submitted.labels(spec.name).inc()
         return updated or job, True
 
@@ -209,15 +222,22 @@ class JobService:
         slots = max(1, await self.live_slots(spec.name))
         return max(1, math.ceil((avg or 5.0) / slots))
 
-    async def _discard(self, job_id: str, idem_key: str | None, principal: Principal, *, stored: bool) -> None:
+    async def _discard(self, job_id: str, idem_key: str | None, principal: Principal, *, stored: bool) -> bool:
+        """Take back a submit about to be refused: its record first, then its files and
+        idempotency key. False if the record could not be deleted: then the job stands
+        (housekeeping publishes a stored job), so it keeps its files and must not be refused."""
+        if stored:
+            try:
+                await self.rt.store.delete(job_id)
+            except Exception as e:
+                log.warning("job %s: could not take back its record (%s); it stays accepted", job_id, e)
+                return False
         with contextlib.suppress(Exception):
             await self.rt.blobs.delete_prefix(constants.job_prefix(job_id))
         if idem_key is not None:
             with contextlib.suppress(Exception):
                 await self.rt.store.idempotency_delete(principal.id, idem_key, job_id)
-        if stored:
-            with contextlib.suppress(Exception):
-                await self.rt.store.delete(job_id)
+        return True
 
     # -- waiting and events ------------------------------------------------------------
     async def wait(self, job: Job, seconds: float) -> Job:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -31,6 +32,13 @@ from genq.worker.tools import build_tool
 from genq.worker.worker import Worker
 
 log = logging.getLogger("genq")
+
+#: How long JetStream may leave publishes unanswered on a live connection before the
+#: embedded nats-server is restarted (see :meth:`Embedded._watch_nats`).
+NATS_STALL_RESTART_SECONDS = 5.0
+#: Free space the data folder needs before that restart: JetStream sizes its storage
+#: limit from the free space when it starts, so a restart on a full disk would cap it.
+NATS_RESTART_MIN_FREE_BYTES = 16 * 1024 * 1024
 
 
 async def ensure_admin_key(rt: Runtime) -> str | None:
@@ -60,6 +68,7 @@ class Embedded:
         self.housekeeper: Housekeeper | None = None
         self._hk_task: asyncio.Task | None = None
         self.generated_admin_key: str | None = None
+        self._watch_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -82,12 +91,39 @@ class Embedded:
             await w.start()
             self.workers.append(w)
         self._hk_task = asyncio.create_task(self.housekeeper.run(), name="housekeeping")
+        if self.nats is not None:
+            self._watch_task = asyncio.create_task(self._watch_nats(), name="nats-watch")
+
+    async def _watch_nats(self) -> None:
+        """Restart the embedded nats-server when its JetStream has stopped storing messages.
+        After a failed write (a full disk) nats-server answers no publish to that stream
+        until it restarts, even once space is back; its files are kept, clients reconnect."""
+        assert self.nats is not None and self.rt is not None
+        while True:
+            await asyncio.sleep(1.0)
+            since = getattr(self.rt.bus, "stalled_since", None)
+            if since is None or time.monotonic() - since < NATS_STALL_RESTART_SECONDS:
+                continue
+            if shutil.disk_usage(self.nats.store_dir).free < NATS_RESTART_MIN_FREE_BYTES:
+                continue
+            log.warning("JetStream has stored no job for %.0fs (after a full disk?); restarting the embedded nats-server",
+                        time.monotonic() - since)
+            try:
+                await asyncio.to_thread(self.nats.stop)
+                # From this (the main) thread: see start().
+                self.nats.start()
+            except Exception:
+                log.exception("restarting the embedded nats-server failed; trying again")
+                continue
+            self.rt.bus.stalled_since = None
 
     def app(self):
         assert self.rt is not None
         return create_app(self.rt)
 
     async def stop(self, drain: float | None = None) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         if self.housekeeper is not None:
             self.housekeeper.stop()
         await asyncio.gather(*(w.stop(drain) for w in self.workers), return_exceptions=True)

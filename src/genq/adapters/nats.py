@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -113,6 +114,10 @@ class NatsBus:
         self._kick_gen: dict[str, int] = {}
         self._kick_event: dict[str, asyncio.Event] = {}
         self._closing = False
+        #: When JetStream first left a publish unanswered on a live connection (None once one
+        #: succeeds). After a failed write (a full disk) a stream refuses every publish until
+        #: its server restarts, even with space back; ``genq up`` restarts the one it owns.
+        self.stalled_since: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     async def connect(self) -> None:
@@ -208,7 +213,10 @@ class NatsBus:
                 headers={"Nats-Msg-Id": dedupe_id or job_id},
             )
         except (nats.errors.Error, asyncio.TimeoutError, nats.js.errors.Error) as e:
+            if isinstance(e, nats.errors.TimeoutError | asyncio.TimeoutError) and self._nc is not None and self._nc.is_connected:
+                self.stalled_since = self.stalled_since or time.monotonic()
             raise Unavailable(f"could not enqueue on JetStream: {e}") from e
+        self.stalled_since = None
         try:
             await self.nc.publish(constants.kick_subject(tool), b"{}")
         except Exception:  # the kick is an optimisation; slots also poll
