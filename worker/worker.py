@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PROGRESS_WRITE_INTERVAL = 0.5
+#: How long a job's start or end is retried through a storage fault (see ``_storing``)
+#: when no deadline bounds it.
+_STORE_RETRY_SECONDS = 60.0
 
 
 def new_worker_id(tool: str) -> str:
@@ -231,7 +234,7 @@ class Worker:
             return
         now = time.time()
         attempt = job.attempts + 1
-        started = await self.store.transition(
+        started = await self._storing(d, time.time() + _STORE_RETRY_SECONDS, lambda: self.store.transition(
             job.id,
             [Status.QUEUED, Status.RUNNING],
             # Not the version: the API may still be writing stream_seq. Nobody else may
@@ -245,7 +248,7 @@ class Worker:
             progress=0.0,
             stream_seq=d.stream_seq,
             delivery=getattr(d, "reply", None),
-        )
+        ))
         if started is None:
             latest = await self.store.get(d.job_id)
             if latest is None or latest.terminal:
@@ -256,6 +259,24 @@ class Worker:
         self.metrics.queue_wait_seconds.labels(self.name).observe(max(0.0, now - job.created_at))
         await self._emit(started)
         await self._run(started, d)
+
+    async def _storing(self, d: Any, until: float, write: Any) -> Any:
+        """``await write()``, again on a storage fault (a full disk, the store down) until
+        ``until``, keeping the delivery in progress meanwhile. Handing it back would spend
+        one of the job's ``MaxDeliver`` deliveries on a fault that is not the job's: after a
+        few, JetStream would stop delivering a job that never really ran."""
+        delay = 0.25
+        while True:
+            try:
+                return await write()
+            except PortError as e:
+                if self._stopping.is_set() or time.time() + delay >= until:
+                    raise
+                log.warning("%s: job %s: %s; trying again in %.1fs", self.name, d.job_id, e, delay)
+                with contextlib.suppress(Exception):
+                    await d.in_progress()
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
 
     def _mine(self, attempt: int):
         return lambda j: j.attempts == attempt and j.worker == self.id
@@ -351,30 +372,34 @@ class Worker:
     async def _succeed(self, job: Job, d: Any, result: ToolResult, seconds: float, mine: Any) -> None:
         from genq.models import FileRef
 
-        refs = []
-        used: set[str] = set()
-        for i, f in enumerate(result.files):
-            name = f.name if _SAFE_NAME.match(f.name or "") and f.name not in used else f"result-{i + 1}"
-            used.add(name)
-            key = constants.result_key(job.id, name)
-            await self.blobs.put(key, f.data, f.content_type)
-            etag = hashlib.sha256(f.data).hexdigest()[:32]
-            refs.append(FileRef(name=name, key=key, content_type=f.content_type, size_bytes=len(f.data), etag=etag))
-        now = time.time()
-        seed = result.seed if result.seed is not None else job.seed
-        done = await self.store.transition(
-            job.id,
-            [Status.RUNNING],
-            guard=mine,
-            status=Status.SUCCEEDED,
-            progress=1.0,
-            completed_at=now,
-            expires_at=now + job.ttl_seconds,
-            results=tuple(refs),
-            result_meta={"seed": seed, "duration_seconds": round(seconds, 4), "metrics": result.metrics or {}},
-            error=None,
-            delivery=None,
-        )
+        async def write() -> Job | None:
+            refs = []
+            used: set[str] = set()
+            for i, f in enumerate(result.files):
+                name = f.name if _SAFE_NAME.match(f.name or "") and f.name not in used else f"result-{i + 1}"
+                used.add(name)
+                key = constants.result_key(job.id, name)
+                await self.blobs.put(key, f.data, f.content_type)
+                etag = hashlib.sha256(f.data).hexdigest()[:32]
+                refs.append(FileRef(name=name, key=key, content_type=f.content_type, size_bytes=len(f.data), etag=etag))
+            now = time.time()
+            seed = result.seed if result.seed is not None else job.seed
+            return await self.store.transition(
+                job.id,
+                [Status.RUNNING],
+                guard=mine,
+                status=Status.SUCCEEDED,
+                progress=1.0,
+                completed_at=now,
+                expires_at=now + job.ttl_seconds,
+                results=tuple(refs),
+                result_meta={"seed": seed, "duration_seconds": round(seconds, 4), "metrics": result.metrics or {}},
+                error=None,
+                delivery=None,
+            )
+
+        until = job.started_at + job.deadline_seconds if job.deadline_seconds and job.started_at else None
+        done = await self._storing(d, until or time.time() + _STORE_RETRY_SECONDS, write)
         await d.ack()
         if done is not None:
             self.metrics.jobs_finished.labels(self.name, "succeeded").inc()
