@@ -5,7 +5,8 @@ The data folder (SQLite, JetStream files, blobs) is a small tmpfs mounted for th
 last byte for a few seconds while jobs, half with an input image, keep arriving and
 running. While it is full, every refusal is a clear SPEC error (503 ``unavailable`` with
 ``Retry-After``, never a 500 or a traceback); reads keep working; nothing is corrupted
-(SQLite ``integrity_check``); and once the filler is gone genq recovers by itself, and
+(SQLite ``integrity_check``); and once the filler is gone genq recovers by itself (it
+restarts its nats-server, whose JetStream refuses every write after a failed one), and
 every job that got a 202 ends once, with intact results.
 """
 
@@ -72,7 +73,7 @@ async def test_disk_full_under_load(small_disk, tmp_path, monkeypatch, rng, faul
     image = data_uri(png_bytes(64, 64))
     try:
         assert live.emb.data_dir == small_disk.resolve()
-        load = Load(ledger, live.url, ADMIN, tool="chaos", rate=6, sleep=(0.05, 0.5), image=image)
+        load = Load(ledger, live.url, ADMIN, tool="chaos", rate=4, sleep=(0.05, 0.5), image=image)
         history = History(ledger, live.url, ADMIN)
         load.start()
         history.start()
@@ -102,11 +103,11 @@ async def test_disk_full_under_load(small_disk, tmp_path, monkeypatch, rng, faul
                 t_free = time.monotonic()
 
                 async def submit_works() -> bool:
-                    r = await c.post("/v1/jobs", json={"tool": "chaos", "params": {"text": "after", "seed": 7}, "wait": 5,
+                    r = await c.post("/v1/jobs", json={"tool": "chaos", "params": {"text": "after", "seed": 7},
                                                        "inputs": {"image": image}})
                     ledger.record(r, "after", 7)
                     last[:] = [r.status_code, r.text[:300]]
-                    return r.status_code == 200 and r.json()["status"] == "succeeded"
+                    return r.status_code == 202  # accepted again (that it also ends is checked at the end)
 
                 last: list = []
                 try:
