@@ -41,6 +41,7 @@ def server(tmp_path_factory):
         g.stop()
 
 
+@pytest.mark.slow
 async def test_rate_limit_holds_under_50_concurrent_clients(server):
     async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {ADMIN}"}) as adm:
         hammered = (await adm.post("/v1/keys", json={"name": "hammered", "tier": "standard"})).json()["key"]
