@@ -35,6 +35,14 @@ log = logging.getLogger(__name__)
 
 _REQUEST_TIMEOUT = 2.0
 
+#: How long JetStream remembers a published message id to drop a second publish of it:
+#: a republish by housekeeping of a job whose stream position was not noted (5 s after
+#: the submit, or when a failing store recovers). Longer gaps cost only a duplicate
+#: delivery, which the worker's compare-and-set turns into a no-op. Not longer: the server
+#: keeps every id for the whole window, ~300 bytes each (24 h at 14 jobs/s grew
+#: nats-server by 0.2 MB a minute, ~350 MB a day; bench/soak.py, BENCHMARKS.md §7).
+DUPLICATE_WINDOW_SECONDS = 600.0
+
 
 class NatsDelivery:
     """One JetStream delivery of a job message."""
@@ -175,7 +183,7 @@ class NatsBus:
             subjects=[f"{constants.JOBS_SUBJECT_PREFIX}.>"],
             retention=api.RetentionPolicy.WORK_QUEUE,
             storage=api.StorageType.FILE,
-            duplicate_window=24 * 3600.0,
+            duplicate_window=DUPLICATE_WINDOW_SECONDS,
             discard=api.DiscardPolicy.NEW,
         )
         try:
