@@ -58,7 +58,7 @@ async def test_whole_process_sigkilled_and_restarted_under_load(up_factory, rng,
     history.start()
     restarts = []
     for _ in range(kills):
-        await asyncio.sleep(rng.uniform(0.5, 3.0))
+        await asyncio.sleep(rng.uniform(0.5, 2.5))
         up.proc.send_signal(signal.SIGKILL)
         await asyncio.to_thread(up.proc.wait, 10)
         await asyncio.sleep(rng.uniform(0.0, 1.0))  # down for a moment: submits are refused
