@@ -38,6 +38,7 @@ ECHO_PARAMS = {
         "fail_times": {"type": "integer", "minimum": 0, "maximum": 10},
         "crash_once": {"type": "boolean"},
         "bad": {"type": "boolean"},
+        "pad_mb": {"type": "integer", "minimum": 0, "maximum": 128},
     },
 }
 

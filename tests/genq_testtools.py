@@ -25,7 +25,8 @@ def _png(seed: int, size: int = 16) -> bytes:
 def echo(params, inputs, progress, cancel):
     """Returns a PNG made from the seed, and a JSON of what it got. ``sleep`` seconds of
     work in 20 steps (cancellable); ``fail_times``: fail the first N attempts (state in
-    ``GENQ_TEST_STATE``); ``crash_once``: kill this process on the first attempt."""
+    ``GENQ_TEST_STATE``); ``crash_once``: kill this process on the first attempt; ``pad_mb``:
+    one more result file of that many MiB (slow to write)."""
     seed = params.get("seed", 0)
     state = Path(os.environ.get("GENQ_TEST_STATE", "/tmp")) / f"echo-{params.get('text', '')}"
     if params.get("crash_once") and not state.with_suffix(".crashed").exists():
@@ -46,8 +47,10 @@ def echo(params, inputs, progress, cancel):
     if params.get("bad"):
         raise ToolError("this input cannot be processed", code="invalid_request")
     meta = {"params": params, "inputs": [[f.name, f.content_type, len(f.data)] for f in inputs]}
+    pad = [OutputFile("pad.bin", "application/octet-stream", bytes(params["pad_mb"] << 20))] if params.get("pad_mb") else []
     return ToolResult(
-        files=[OutputFile("result.png", "image/png", _png(seed)), OutputFile("meta.json", "application/json", json.dumps(meta).encode())],
+        files=[OutputFile("result.png", "image/png", _png(seed)), OutputFile("meta.json", "application/json", json.dumps(meta).encode()),
+               *pad],
         seed=seed,
         metrics={"steps": steps},
     )

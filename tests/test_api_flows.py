@@ -174,6 +174,18 @@ async def test_cancel_running_job_frees_slot(live):
         await c.delete(f"/v1/jobs/{jid}")
 
 
+async def test_next_job_starts_while_the_last_results_are_written(live):
+    """One slot: the second job starts once the first one's tool returned, while the
+    first one's 64 MiB result is still being written and recorded."""
+    async with live.client() as c:
+        first = (await c.post("/v1/jobs", json={"tool": "once", "params": {"text": "big", "pad_mb": 64}})).json()["id"]
+        second = (await c.post("/v1/jobs", json={"tool": "once", "params": {"text": "small"}})).json()["id"]
+        a, b = await poll(c, first), await poll(c, second)
+    assert a["status"] == b["status"] == "succeeded"
+    assert [f["name"] for f in a["result"]["files"]] == ["result.png", "meta.json", "pad.bin"]
+    assert b["started_at"] < a["completed_at"], (a, b)
+
+
 async def test_cancel_queued_job(live):
     async with live.client() as c:
         block = (await c.post("/v1/jobs", json={"tool": "once", "params": {"sleep": 1}})).json()["id"]

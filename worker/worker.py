@@ -94,6 +94,8 @@ class Worker:
         self.id = worker_id or new_worker_id(spec.name)
         self.metrics = metrics or Metrics()
         self._running: dict[str, _Running] = {}
+        #: Succeeded jobs whose results are still being written (at most ``slots``).
+        self._finishing: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._subs: list[Any] = []
@@ -136,6 +138,8 @@ class Worker:
                 await asyncio.wait(pending, timeout=10)
                 for t in pending:
                     t.cancel()
+        if self._finishing:  # results being written: let them land (else: redelivered)
+            await asyncio.wait(set(self._finishing), timeout=30)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -315,7 +319,10 @@ class Worker:
             result: ToolResult = await arun(call) if arun else await asyncio.to_thread(self.tool.run, call)
             if token.cancelled:
                 raise Cancelled(token.reason or "cancelled")
-            await self._succeed(job, d, result, time.perf_counter() - t0, mine)
+            # The slot is free once the tool returns: writing the results and the final
+            # compare-and-set overlap the next job's compute (on a cluster that is an
+            # object-storage upload per result, tens of ms a job).
+            await self._finish_later(job, self._succeed(job, d, result, time.perf_counter() - t0, mine))
         except Cancelled:
             await self._interrupted(job, d, token.reason or "cancelled", mine)
         except ToolError as e:
@@ -341,6 +348,24 @@ class Worker:
             self._running.pop(job.id, None)
             self.metrics.job_seconds.labels(self.name).observe(time.perf_counter() - t0)
 
+    async def _finish_later(self, job: Job, finish: Any) -> None:
+        """Run ``finish`` (a coroutine recording a finished job) in the background; wait
+        first while ``slots`` finishes are already pending, so results held in memory stay
+        bounded. A failure is logged and leaves the message unacked (redelivered after
+        ack_wait), as a failure in the slot loop does."""
+        while len(self._finishing) >= self.slots:
+            await asyncio.wait(set(self._finishing), return_when=asyncio.FIRST_COMPLETED)
+
+        async def guarded() -> None:
+            try:
+                await finish
+            except Exception:
+                log.exception("%s: job %s could not be recorded; it will be redelivered", self.name, job.id)
+
+        task = asyncio.create_task(guarded(), name=f"{self.id}-finish-{job.id}")
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
     async def _heartbeat(self, job: Job, d: Any, mine: Any) -> None:
         interval = max(0.2, self.settings.ack_wait_seconds / 3)
         while True:
@@ -360,7 +385,8 @@ class Worker:
             )
         )
         now = time.monotonic()
-        if now - running.last_progress_write >= _PROGRESS_WRITE_INTERVAL or fraction >= 1.0:
+        # Throttled (events go out every step); the final write is the job's success.
+        if now - running.last_progress_write >= _PROGRESS_WRITE_INTERVAL and fraction < 1.0:
             running.last_progress_write = now
             asyncio.ensure_future(self._write_progress(job, fraction))
 
