@@ -96,7 +96,8 @@ class JobService:
         cached = self._slots_cache.get(tool)
         if cached and cached[0] > now:
             return cached[1]
-        since = time.time() - 3 * self.settings.worker_heartbeat_seconds
+        # Three missed beats, and never under 5 s: a loaded apiserver delays Lease renewals.
+        since = time.time() - max(3 * self.settings.worker_heartbeat_seconds, 5.0)
         slots = await self.rt.store.workers_alive(tool, since)
         spec = self.rt.registry.get(tool)
         if spec is not None:

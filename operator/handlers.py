@@ -34,11 +34,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import kopf
 import pydantic
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.leaderelection.resourcelock.leaselock import LeaseLock
 
 from genq import constants
 from genq.operator import conditions, resources, scaling
@@ -414,42 +416,89 @@ async def _api_client(kubeconfig: str | None = None) -> k8s.ApiClient:
 async def lead_and_operate(config: OperatorConfig, *, kubeconfig: str | None = None, stop_flag: Any = None,
                            **kwargs: Any) -> None:
     """Take the Lease ``genq-operator`` (blocking while another replica holds it), then
-    run the handlers until ``stop_flag`` or until the Lease is lost."""
+    run the handlers until ``stop_flag``, until they stop (kopf stops on SIGTERM/SIGINT),
+    or until the Lease is lost (then ``SystemExit(1)``: restart as a follower)."""
     from kubernetes_asyncio.leaderelection import electionconfig, leaderelection
-    from kubernetes_asyncio.leaderelection.resourcelock.leaselock import LeaseLock
 
     api = await _api_client(kubeconfig)
     lost = asyncio.Event()
+    halt = asyncio.Event()  # asks kopf to stop gracefully, on every way out
+    handlers_done = asyncio.Event()
+    failures: list[BaseException] = []
+    lead_task: asyncio.Task | None = None
 
     async def lead() -> None:
+        nonlocal lead_task
+        lead_task = asyncio.current_task()
         log.info("%s leads; starting the handlers", config.identity)
-        await operate(config, kubeconfig=kubeconfig, stop_flag=stop_flag, **kwargs)
+        try:
+            await operate(config, kubeconfig=kubeconfig, stop_flag=halt, **kwargs)
+        except Exception as e:
+            failures.append(e)
+            handlers_done.set()
+            raise
+        # Not on cancellation: that is the election stopping them (a lost Lease).
+        handlers_done.set()
 
     async def stopped() -> None:
         log.warning("%s lost the lease %s; stopping", config.identity, constants.OPERATOR_LEASE)
         lost.set()
 
-    lock = LeaseLock(constants.OPERATOR_LEASE, config.lease_namespace, config.identity, api)
+    lock = _TolerantLeaseLock(constants.OPERATOR_LEASE, config.lease_namespace, config.identity, api)
     election = leaderelection.LeaderElection(electionconfig.Config(
         # lease_duration in whole seconds: the Lease's field is an integer (15.0 failed).
         lock, lease_duration=max(1, round(config.lease_seconds)), renew_deadline=config.lease_seconds * 2 / 3,
         retry_period=max(1.0, config.lease_seconds / 7.5), onstarted_leading=lead, onstopped_leading=stopped))
     task = asyncio.create_task(election.run())
+    waiters = [task, asyncio.create_task(handlers_done.wait())]
+    if stop_flag is not None:
+        waiters.append(asyncio.create_task(_wait_flag(stop_flag)))
     try:
-        waiters = [task]
-        if stop_flag is not None:
-            waiters.append(asyncio.create_task(_wait_flag(stop_flag)))
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if task.done() and not task.cancelled() and task.exception() is not None:
             # The election (or the handlers it runs) failed: never exit 0 on that.
             raise task.exception()
+        if failures:
+            raise failures[0]
     finally:
+        halt.set()
+        if lead_task is not None and not lead_task.done():
+            await asyncio.wait({lead_task}, timeout=15)  # kopf's own graceful stop
+            lead_task.cancel()
+        for w in waiters[1:]:
+            w.cancel()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
         await api.close()
     if lost.is_set():
         raise SystemExit(1)  # restart as a follower; never run handlers without the Lease
+
+
+class _TolerantLeaseLock(LeaseLock):
+    """The apiserver out of reach is a failed read or write of the Lease, as client-go
+    sees it, not a crash of the election: a leader keeps trying until its renew deadline,
+    then steps down; a follower keeps waiting."""
+
+    async def get(self, name: str, namespace: str) -> Any:
+        try:
+            return await super().get(name, namespace)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            err = ApiException(status=503, reason=f"apiserver unreachable: {e!r}")
+            err.body = json.dumps({"code": 503, "message": err.reason})
+            return False, err
+
+    async def create(self, *args: Any, **kw: Any) -> bool:
+        try:
+            return await super().create(*args, **kw)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    async def update(self, *args: Any, **kw: Any) -> bool:
+        try:
+            return await super().update(*args, **kw)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
 
 
 async def _wait_flag(flag: Any) -> None:

@@ -55,6 +55,23 @@ def decide(job: Job, now: float, *, heartbeat_stale: float, unpublished_grace: f
     return Action.NONE
 
 
+#: The Kubernetes Event each applied action leaves on the job (reason = the action's
+#: value, CamelCase): (warning?, message).
+EVENTS: dict[Action, tuple[bool, str]] = {
+    Action.DEADLINE: (True, "The job ran longer than its deadline of {job.deadline_seconds:g} s; its work was stopped."),
+    Action.LOST: (True, "The worker running the job stopped responding with no attempt left ({job.attempts} used)."),
+    Action.REPUBLISH: (False, "The job was stored but not in the stream; published it again."),
+    Action.CANCEL: (False, "spec.active is false: the job was cancelled and its work stopped."),
+}
+
+
+async def rt_event(rt: Runtime, job: Job, reason: str, message: str, *, warning: bool = False) -> None:
+    record = getattr(rt.store, "record_event", None)
+    if record is not None:
+        with contextlib.suppress(Exception):
+            await record(job, reason, message, warning=warning)
+
+
 class Housekeeper:
     def __init__(self, rt: Runtime):
         self.rt = rt
@@ -73,13 +90,25 @@ class Housekeeper:
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
+        # A store that knows when a job needs attention now (the Kubernetes store: a
+        # kubectl cancel or delete seen on its watch) wakes the loop before the interval.
+        wake: asyncio.Event | None = getattr(self.rt.store, "attention", None)
         while not self._stop.is_set():
+            if wake is not None:
+                wake.clear()
             try:
                 await self.reconcile_once()
             except Exception:
                 log.exception("housekeeping pass failed; retrying")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.rt.settings.reconcile_interval_seconds)
+            waiters = [asyncio.ensure_future(self._stop.wait())]
+            if wake is not None:
+                waiters.append(asyncio.ensure_future(wake.wait()))
+            try:
+                await asyncio.wait(waiters, timeout=self.rt.settings.reconcile_interval_seconds,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
 
     def stop(self) -> None:
         self._stop.set()
@@ -98,6 +127,9 @@ class Housekeeper:
             try:
                 if await self._apply(job, action, now):
                     done[action.value] = done.get(action.value, 0) + 1
+                    if action in EVENTS:
+                        warning, message = EVENTS[action]
+                        await rt_event(self.rt, job, action.value, message.format(job=job), warning=warning)
             except Exception:
                 log.exception("housekeeping: %s on job %s failed", action.value, job.id)
         try:
@@ -135,6 +167,8 @@ class Housekeeper:
             if await self.rt.store.transition(job.id, [Status.QUEUED], version=job.version, stream_seq=seq) is not None:
                 log.warning("job %s was queued but its stream message %s was gone; republished as %s",
                             job.id, job.stream_seq, seq)
+                await rt_event(self.rt, job, Action.REPUBLISH.value,
+                               f"The job's stream message {job.stream_seq} was gone; published it again.", warning=True)
                 republished += 1
         if len(self._checked) > 100_000:
             horizon = now - self.stream_recheck

@@ -45,7 +45,17 @@ async def live(tmp_path, monkeypatch, request, control_plane):  # noqa: F811
     try:
         yield lv
     finally:
+        # GenerationJobs hold genq's finalizer: delete them while genq still runs (its
+        # housekeeping releases them), then the namespace can go.
+        control_plane.kubectl("delete", "generationjobs", "--all", "-n", ns, "--wait=false")
+        deadline = time.monotonic() + 30
+        with control_plane.client() as api:
+            url = f"/apis/{constants.API_GROUP}/{constants.API_VERSION}/namespaces/{ns}/generationjobs"
+            while api.get(url).json()["items"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            left = api.get(url).json()["items"]
         await stop_live(lv, server, task)
+        assert not left, f"{len(left)} GenerationJobs not finalized by genq"
         with control_plane.client() as api:
             api.delete(f"/api/v1/namespaces/{ns}")
 
@@ -89,6 +99,14 @@ async def test_kubectl_active_false_cancels_queued_and_running_jobs(live, contro
             assert "spec.active" in done["error"]["message"]
         # the queued one left the stream; the running one's worker is free again at once
         assert not await live.emb.rt.bus.has_message(seq)
+        # and `kubectl describe gjob` says why
+        from genq.adapters.kubernetes import resource_name
+
+        with control_plane.client() as api:
+            events = api.get(f"/api/v1/namespaces/{live.emb.rt.store.namespace}/events").json()["items"]
+        reasons = {(e["involvedObject"]["name"], e["reason"], e["involvedObject"]["kind"]) for e in events}
+        for jid in (queued, running):
+            assert (resource_name(jid), "Cancelled", "GenerationJob") in reasons, reasons
         r = await c.post("/v1/jobs", json={"tool": "once", "params": {"text": "next"}, "wait": 10})
         assert r.json()["status"] == "succeeded"
         assert time.monotonic() - t0 < 8

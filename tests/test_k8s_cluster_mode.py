@@ -171,10 +171,18 @@ class Cluster:
     def start_operator(self) -> Proc:
         op = Proc("operator", [GENQ, "operator"], self.env(
             "operator", GENQ_OPERATOR_NAMESPACES=self.ns, GENQ_OPERATOR_LEASE_NAMESPACE=self.ns,
-            GENQ_OPERATOR_LEASE_SECONDS="3", GENQ_OPERATOR_SCALE_INTERVAL="0.5",
+            GENQ_OPERATOR_LEASE_SECONDS="6", GENQ_OPERATOR_SCALE_INTERVAL="0.5",
             GENQ_OPERATOR_WORKER_IMAGE="genq-worker:test", GENQ_OPERATOR_WORKER_PROBES="true"), self.workdir)
         self.procs["operator"] = op.start()
         return op
+
+    def ensure_operator(self) -> None:
+        """The operator exits when it cannot renew its Lease in time (a loaded machine can
+        delay it); its Deployment would start it again: so does this."""
+        op = self.procs.get("operator")
+        if op is not None and not op.alive():
+            print(f"operator had exited ({op.proc.returncode}); restarting it:\n{op.tail(15)}")
+            self.start_operator()
 
     def run_worker_pod(self) -> Proc:
         """What a kubelet would run for one pod of the echo pool's Deployment."""
@@ -273,6 +281,7 @@ def test_submit_becomes_a_generation_job_that_a_pool_worker_finishes(cluster):
 
 def test_operator_killed_mid_work_and_restarted_converges(cluster):
     c = cluster
+    c.ensure_operator()
     if not c.workers or not c.workers[0].alive():
         c.run_worker_pod()
     with c.client() as api:
@@ -300,6 +309,7 @@ def test_operator_killed_mid_work_and_restarted_converges(cluster):
 
 def test_apiserver_outage_of_30s_gives_503_then_recovers(cluster):
     c = cluster
+    c.ensure_operator()
     if not c.workers or not c.workers[0].alive():
         c.run_worker_pod()
     with c.client() as api:
@@ -326,4 +336,28 @@ def test_apiserver_outage_of_30s_gives_503_then_recovers(cluster):
         eventually(lambda: api.get("/readyz").status_code == 200, 60, "the API ready again")
         after = ok(api.post("/v1/jobs", json={"tool": "echo", "params": {"text": "after"}}))
         assert c.wait_job(api, after["id"], timeout=60)["status"] == "succeeded"
-    assert all(p.alive() for p in [*c.procs.values(), *c.workers]), {p.name: p.tail() for p in c.procs.values()}
+    # The API and the worker rode it out in place. An operator that could not renew its
+    # Lease for longer than its renew deadline exits non-zero rather than risk a second
+    # leader, and its Deployment starts it again: do what the Deployment would.
+    assert c.procs["api"].alive() and all(w.alive() for w in c.workers), {p.name: p.tail() for p in c.procs.values()}
+    op = c.procs["operator"]
+    if not op.alive():
+        assert op.proc.returncode not in (0, None), op.tail()
+        c.start_operator()
+    with c.client() as api:
+        ok(api.post("/v1/jobs", json={"tool": "echo", "params": {"text": "late", "sleep": 20}}))
+    eventually(lambda: c.replicas() == 1, 60, "the operator scaling again after the outage")
+
+
+def test_operator_exits_promptly_on_sigterm(cluster):
+    """A rollout or node drain sends SIGTERM: the operator stops its handlers, its
+    housekeeping and its Lease renewals, and exits 0, well inside the grace period (a
+    successor then waits at most the Lease duration)."""
+    c = cluster
+    c.ensure_operator()
+    op = c.procs["operator"]
+    eventually(lambda: "leads; starting the handlers" in op.log.read_text(errors="replace"), 60, "the operator to lead")
+    t0 = time.monotonic()
+    os.kill(op.proc.pid, signal.SIGTERM)
+    op.proc.wait(30)
+    assert op.proc.returncode == 0 and time.monotonic() - t0 < 15, (op.proc.returncode, op.tail())

@@ -216,6 +216,11 @@ async def _gone(s, job_id) -> bool:
 async def test_kubectl_shows_the_columns_for_a_stored_job(store, control_plane, ns):  # noqa: F811
     job = await store.create(new_job(tool="upscale", variant="lanczos"))
     name = resource_name(job.id)
+    # A new job is one create, without status; the submit's next write (its stream
+    # position) writes the first status.
+    assert "status" not in control_plane.kubectl("get", "gjob", name, "-n", ns, "-o", "yaml").stdout.split("\nspec:")[0]
+    assert (await store.get(job.id)).status is Status.QUEUED
+    await store.update(job.id, stream_seq=1)
 
     def row() -> list[str]:
         out = control_plane.kubectl("get", "gjob", name, "-n", ns, "--no-headers").stdout.split()

@@ -132,6 +132,10 @@ GENERATIONJOB_KIND: Final = "GenerationJob"
 ANNOTATION_JOB_ID: Final = "genq.io/job-id"
 #: Creation time in UNIX seconds with sub-second precision (creationTimestamp has whole seconds).
 ANNOTATION_CREATED_AT: Final = "genq.io/created-at"
+#: A new job's attempt budget and seed, written with it (one request instead of a
+#: create plus a status write); the status carries them from the first status write on.
+ANNOTATION_MAX_ATTEMPTS: Final = "genq.io/max-attempts"
+ANNOTATION_SEED: Final = "genq.io/seed"
 #: Worker slots behind one worker Lease.
 ANNOTATION_SLOTS: Final = "genq.io/slots"
 #: Value of ``LABEL_MANAGED_BY`` on the objects the job store writes.

@@ -120,6 +120,11 @@ class JobStore(Protocol):
     async def worker_seen(self, worker_id: str, tool: str, slots: int, now: float) -> None: ...
     async def worker_gone(self, worker_id: str) -> None: ...
 
+    async def record_event(self, job: Job, reason: str, message: str, *, warning: bool = False) -> None:
+        """Tell people watching the job's record what housekeeping did to it (a
+        Kubernetes Event on the GenerationJob; nothing where the store has no such feed).
+        Best effort: never raises."""
+
 
 @runtime_checkable
 class KeyStore(Protocol):

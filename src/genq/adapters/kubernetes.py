@@ -158,6 +158,10 @@ def job_to_resource(job: Job, namespace: str, uri_base: str) -> dict[str, Any]:
     }
     if job.deadline_seconds:
         spec["activeDeadlineSeconds"] = max(1, math.ceil(job.deadline_seconds))
+    annotations = {constants.ANNOTATION_JOB_ID: job.id, constants.ANNOTATION_CREATED_AT: repr(job.created_at),
+                   constants.ANNOTATION_MAX_ATTEMPTS: str(job.max_attempts)}
+    if job.seed is not None:
+        annotations[constants.ANNOTATION_SEED] = str(job.seed)
     return {
         "apiVersion": API_VERSION,
         "kind": constants.GENERATIONJOB_KIND,
@@ -165,7 +169,7 @@ def job_to_resource(job: Job, namespace: str, uri_base: str) -> dict[str, Any]:
             "name": resource_name(job.id),
             "namespace": namespace,
             "labels": {constants.LABEL_TOOL: job.tool, constants.LABEL_MANAGED_BY: constants.MANAGED_BY},
-            "annotations": {constants.ANNOTATION_JOB_ID: job.id, constants.ANNOTATION_CREATED_AT: repr(job.created_at)},
+            "annotations": annotations,
             # Created with genq's finalizer (no extra write): a `kubectl delete` of a live
             # job waits until housekeeping has stopped its work and removed its objects.
             "finalizers": [constants.JOB_FINALIZER],
@@ -233,6 +237,13 @@ def job_status(job: Job, generation: int, uri_base: str) -> dict[str, Any]:
     return st
 
 
+def _int_or_none(s: str | None) -> int | None:
+    try:
+        return int(s) if s is not None else None
+    except ValueError:
+        return None
+
+
 def resource_to_job(obj: dict[str, Any], uri_base: str) -> Job:
     meta, spec, st = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
     ann = meta.get("annotations") or {}
@@ -252,10 +263,10 @@ def resource_to_job(obj: dict[str, Any], uri_base: str) -> Job:
         params=spec.get("params") or {},
         inputs=tuple(_item_to_file(i, uri_base) for i in spec.get("inputs") or ()),
         status=status,
-        seed=st.get("seed"),
+        seed=st["seed"] if "seed" in st else _int_or_none(ann.get(constants.ANNOTATION_SEED)),
         progress=float(st.get("progress") or 0.0),
         attempts=int(st.get("attempts") or 0),
-        max_attempts=int(st.get("maxAttempts") or 3),
+        max_attempts=int(st.get("maxAttempts") or ann.get(constants.ANNOTATION_MAX_ATTEMPTS) or 3),
         deadline_seconds=float(spec["activeDeadlineSeconds"]) if spec.get("activeDeadlineSeconds") else None,
         ttl_seconds=float(spec.get("ttlSecondsAfterFinished", 3600)),
         created_at=created_at,
@@ -285,7 +296,8 @@ class _Cache:
     ``put`` keeps the newer of two versions of a job, so a watch event older than this
     process's own write (or delete) never undoes it."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_attention: Callable[[], None] | None = None) -> None:
+        self.on_attention = on_attention
         self.jobs: dict[str, Job] = {}
         self.generation: dict[str, int] = {}
         self.queued: dict[str, SortedList] = {}
@@ -338,6 +350,8 @@ class _Cache:
             self.unpublished.add(name)
         if job.deleting or (not job.active and not job.terminal):
             self.attention.add(name)
+            if self.on_attention is not None:
+                self.on_attention()
         if job.status is Status.QUEUED:
             self.queued.setdefault(job.tool, SortedList()).add((job.priority.rank, job.seq, name))
             self.owner_queued[job.owner] += 1
@@ -396,7 +410,10 @@ class KubernetesStore:
         self._objects: k8s_client.CustomObjectsApi | None = None
         self._core: k8s_client.CoreV1Api | None = None
         self._leases: k8s_client.CoordinationV1Api | None = None
-        self._cache = _Cache()
+        #: Set when a job needs housekeeping at once (cancelled by ``spec.active``, being
+        #: deleted): the housekeeper waits on it instead of its next interval.
+        self.attention = asyncio.Event()
+        self._cache = _Cache(self.attention.set)
         self._resource_version: str | None = None
         self._synced = asyncio.Event()
         self._watch_task: asyncio.Task | None = None
@@ -447,7 +464,7 @@ class KubernetesStore:
 
     # -- the watch ---------------------------------------------------------------------
     async def _relist(self) -> None:
-        cache = _Cache()
+        cache = _Cache(self.attention.set)
         cont: str | None = None
         while True:
             kw = {"limit": 500, **({"_continue": cont} if cont else {})}
@@ -534,23 +551,25 @@ class KubernetesStore:
         body = job_to_resource(job, self.namespace, self.uri_base)
         obj = await self._call(self._objects_api.create_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, body)
         self._put_object(obj)
-        # The status written next is the job's own (queued, or whatever the caller built).
         created = job.evolve(version=int(obj["metadata"].get("resourceVersion") or 0))
-        # The status subresource is not written by a create: write the first status now
-        # (until then the job reads as queued all the same).
-        for _ in range(CAS_ATTEMPTS):
-            body = {**obj, "status": job_status(created, int(obj["metadata"].get("generation") or 1), self.uri_base)}
-            try:
-                obj = await self._call(self._objects_api.replace_namespaced_custom_object_status,
-                                       GROUP, VERSION, self.namespace, PLURAL, obj["metadata"]["name"], body)
-                break
-            except ApiException as e:
-                if e.status != 409:
-                    raise
-                obj = await self._call(self._objects_api.get_namespaced_custom_object,
-                                       GROUP, VERSION, self.namespace, PLURAL, obj["metadata"]["name"])
-                if obj.get("status"):
+        # A new queued job reads right without a status (the annotations carry its attempt
+        # budget and seed): its first status write is the next update (the API's
+        # stream_seq), one apiserver write per submit saved. Anything else is written now.
+        if not (job.status is Status.QUEUED and job.stream_seq is None and not job.attempts and job.worker is None
+                and not job.results and job.error is None and job.started_at is None):
+            for _ in range(CAS_ATTEMPTS):
+                body = {**obj, "status": job_status(created, int(obj["metadata"].get("generation") or 1), self.uri_base)}
+                try:
+                    obj = await self._call(self._objects_api.replace_namespaced_custom_object_status,
+                                           GROUP, VERSION, self.namespace, PLURAL, obj["metadata"]["name"], body)
                     break
+                except ApiException as e:
+                    if e.status != 409:
+                        raise
+                    obj = await self._call(self._objects_api.get_namespaced_custom_object,
+                                           GROUP, VERSION, self.namespace, PLURAL, obj["metadata"]["name"])
+                    if obj.get("status"):
+                        break
         return self._put_object(obj) or created
 
     async def get(self, job_id: str) -> Job | None:
@@ -617,9 +636,16 @@ class KubernetesStore:
                     raise ValueError(f"{f} is immutable in a GenerationJob")
             if requeue:
                 new = new.evolve(seq=queue_sequence())
+            version_now = current.version
+            if new.status is Status.QUEUED and current.terminal and not current.active:
+                # A retry of a job cancelled by spec.active: active again first, so that
+                # housekeeping never sees it queued and inactive (it would cancel it).
+                reactivated = await self._patch_spec(name, {"active": True})
+                if reactivated is not None:
+                    version_now = reactivated.version
             body = {
                 "apiVersion": API_VERSION, "kind": constants.GENERATIONJOB_KIND,
-                "metadata": {"name": name, "namespace": self.namespace, "resourceVersion": str(current.version)},
+                "metadata": {"name": name, "namespace": self.namespace, "resourceVersion": str(version_now)},
                 "status": job_status(new, self._cache.generation.get(name, 1), self.uri_base),
             }
             try:
@@ -642,8 +668,6 @@ class KubernetesStore:
                 spec["activeDeadlineSeconds"] = max(1, math.ceil(new.deadline_seconds)) if new.deadline_seconds else None
             if new.status is Status.CANCELLED and current.status is not Status.CANCELLED and current.active:
                 spec["active"] = False  # cancelled through the API: kubectl shows it too
-            elif new.status is Status.QUEUED and current.terminal and not current.active:
-                spec["active"] = True  # retried
             if spec:
                 written = await self._patch_spec(name, spec) or written
             return written
@@ -877,6 +901,27 @@ class KubernetesStore:
         assert self._leases is not None
         with contextlib.suppress(ApiException):
             await self._call(self._leases.delete_namespaced_lease, self._lease_name(worker_id), self.namespace)
+
+    async def record_event(self, job: Job, reason: str, message: str, *, warning: bool = False) -> None:
+        """A core/v1 Event on the GenerationJob (``kubectl describe gjob``, ``kubectl get
+        events``), reason in CamelCase. Best effort: an Event is never worth a failure."""
+        now = datetime.datetime.now(datetime.timezone.utc)
+        name = resource_name(job.id)
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{name}.", "namespace": self.namespace},
+            "involvedObject": {"apiVersion": API_VERSION, "kind": constants.GENERATIONJOB_KIND, "name": name,
+                               "namespace": self.namespace},
+            "reason": reason, "message": message[:1024], "type": "Warning" if warning else "Normal",
+            "source": {"component": constants.FIELD_MANAGER},
+            "firstTimestamp": now.isoformat().replace("+00:00", "Z"), "lastTimestamp": now.isoformat().replace("+00:00", "Z"),
+            "count": 1,
+        }
+        try:
+            assert self._core is not None
+            await self._call(self._core.create_namespaced_event, self.namespace, body)
+        except Exception as e:
+            log.debug("event %s on %s not recorded: %r", reason, name, e)
 
     async def workers_alive(self, tool: str, since: float) -> int:
         assert self._leases is not None

@@ -474,6 +474,9 @@ class SQLiteStore:
     async def worker_gone(self, worker_id: str) -> None:
         await self._write("DELETE FROM workers WHERE id = ?", (worker_id,))
 
+    async def record_event(self, job: Job, reason: str, message: str, *, warning: bool = False) -> None:
+        """No event feed on one machine: the job's status and the log say it."""
+
     async def workers_alive(self, tool: str, since: float) -> int:
         rows = await self._rows("SELECT COALESCE(SUM(slots), 0) AS n FROM workers WHERE tool = ? AND last_seen >= ?", (tool, since))
         return rows[0]["n"]
