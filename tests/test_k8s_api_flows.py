@@ -22,6 +22,7 @@ from genq import constants
 from k8s.controlplane import control_plane  # noqa: F401  (the session fixture)
 from test_api_flows import *  # noqa: F403  (the flows, collected again here)
 from test_api_flows import poll
+from test_operator_k8s import eventually
 from test_housekeeping import (  # noqa: F401  (collected again here)
     test_queued_job_whose_stream_message_was_lost_is_republished,
     test_stored_but_unpublished_job_is_republished,
@@ -71,16 +72,6 @@ def _job_url(live, job_id: str) -> str:
     return f"/apis/{constants.API_GROUP}/{constants.API_VERSION}/namespaces/{live.emb.rt.store.namespace}/generationjobs/{resource_name(job_id)}"
 
 
-async def _eventually(probe, timeout: float = 15.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
-
-
 async def test_kubectl_active_false_cancels_queued_and_running_jobs(live, control_plane):  # noqa: F811
     async with live.client() as c:
         running = (await c.post("/v1/jobs", json={"tool": "once", "params": {"sleep": 30}})).json()["id"]
@@ -122,7 +113,7 @@ async def test_kubectl_delete_stops_the_work_and_removes_the_objects(live, contr
             r = api.delete(_job_url(live, jid))
             assert r.is_success, r.text
             # held by genq's finalizer until housekeeping has stopped the work and cleaned up
-            await _eventually(lambda: api.get(_job_url(live, jid)).status_code == 404, what="the record to go")
+            await eventually(lambda: api.get(_job_url(live, jid)).status_code == 404, 15, what="the record to go")
         assert (await c.get(f"/v1/jobs/{jid}")).status_code == 404
         assert not blobs.exists()
         r = await c.post("/v1/jobs", json={"tool": "once", "params": {"text": "after"}, "wait": 10})

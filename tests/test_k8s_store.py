@@ -204,6 +204,17 @@ async def test_watch_cache_sees_writes_and_deletes_of_another_store(store, other
     await eventually(lambda: _gone(other, job.id))
 
 
+async def test_a_fresh_get_confirms_a_cache_miss_at_the_apiserver(store, other):
+    """A worker handed a job its watch has not delivered yet reads it from the apiserver
+    instead of dropping the message (seen at 10k jobs under load)."""
+    other._watch_task.cancel()  # its cache stops here, as a lagging watch would
+    job = await store.create(new_job(tool="lagging"))
+    assert await other.get(job.id) is None
+    got = await other.get(job.id, fresh=True)
+    assert got is not None and got.id == job.id and got.status is Status.QUEUED
+    assert await other.get(f"{job.id[:-1]}X", fresh=True) is None  # really missing: still None
+
+
 async def _version_at_least(s, job):
     got = await s.get(job.id)
     return got if got is not None and got.version >= job.version else None

@@ -229,7 +229,9 @@ class Worker:
 
     # -- one delivery ------------------------------------------------------------------
     async def handle(self, d: Any) -> None:
-        job = await self.store.get(d.job_id)
+        # fresh: the message can outrun this process's view of the store (the API's create
+        # not yet on a Kubernetes watch); only a job that is really gone is dropped.
+        job = await self.store.get(d.job_id, fresh=True)
         if job is None:
             await d.term()  # deleted (retention, or a submit that failed half-way)
             return

@@ -63,7 +63,10 @@ class JobStore(Protocol):
     async def create(self, job: Job) -> Job:
         """Insert a new job; the store assigns ``seq`` and ``version``."""
 
-    async def get(self, job_id: str) -> Job | None: ...
+    async def get(self, job_id: str, *, fresh: bool = False) -> Job | None:
+        """The job, or None. A store that reads from a cache (Kubernetes) answers from it;
+        ``fresh`` asks it to confirm a miss at the source (a worker that was just handed
+        a job its cache has not seen yet)."""
 
     async def transition(
         self,

@@ -572,9 +572,12 @@ class KubernetesStore:
                         break
         return self._put_object(obj) or created
 
-    async def get(self, job_id: str) -> Job | None:
+    async def get(self, job_id: str, *, fresh: bool = False) -> Job | None:
         await self._synced.wait()
-        return self._cache.jobs.get(resource_name(job_id))
+        job = self._cache.jobs.get(resource_name(job_id))
+        if job is None and fresh:  # created by another process, not on our watch yet
+            job = await self._read(resource_name(job_id))
+        return job
 
     async def _read(self, name: str) -> Job | None:
         """The job as the apiserver has it now (after a lost race, or a cache miss)."""

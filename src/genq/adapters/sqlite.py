@@ -300,7 +300,7 @@ class SQLiteStore:
         )
         return self._note(_row_to_job(rows[0]))
 
-    async def get(self, job_id: str) -> Job | None:
+    async def get(self, job_id: str, *, fresh: bool = False) -> Job | None:
         rows = await self._rows("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return _row_to_job(rows[0]) if rows else None
 
