@@ -8,7 +8,8 @@ can, and run by workers with ``--concurrency`` slots in total:
   * ``genq``: the real embedded stack (``genq up``: nats-server with fsync'd JetStream,
     SQLite, local blobs, housekeeping) in its own process, with the python tool
     ``benchtools:stamp`` on ``maxWorkers = --concurrency`` slots. The client is an async
-    httpx client with ``--clients`` keep-alive connections sending ``POST /v1/jobs``.
+    HTTP client (aiohttp; ``--client httpx`` for httpx, which costs ~2.5x the client CPU)
+    with ``--clients`` keep-alive connections sending ``POST /v1/jobs``.
   * ``genq split`` (``--split``): the same genq with its embedded worker stopped and a
     ``genq worker --tool stamp --slots N`` process beside it (the CLI's worker role against
     the running genq's data folder) — the API and the worker on their own cores.
@@ -160,7 +161,49 @@ def start_genq_worker(work: Path, data_dir: Path, config: dict[str, Any], slots:
 
 
 # -- genq ---------------------------------------------------------------------------------
-async def genq_enqueue(url: str, jobs: int, clients: int, offset: int) -> dict[str, Any]:
+async def genq_enqueue(url: str, jobs: int, clients: int, offset: int, client: str = "aiohttp") -> dict[str, Any]:
+    if client == "httpx":
+        return await _genq_enqueue_httpx(url, jobs, clients, offset)
+    import aiohttp
+
+    sent: dict[str, float] = {}
+    bad: dict[int, int] = {}
+    counter = iter(range(jobs))
+    async with aiohttp.ClientSession(url, headers=AUTH, connector=aiohttp.TCPConnector(limit=clients),
+                                     timeout=aiohttp.ClientTimeout(total=120)) as c:
+        async def one() -> None:
+            for i in counter:
+                t = time.time()
+                async with c.post("/v1/jobs", json={"tool": TOOL, "params": {"n": offset + i}}) as r:
+                    body = await r.json()
+                    if r.status != 202:
+                        bad[r.status] = bad.get(r.status, 0) + 1
+                        continue
+                sent[body["id"]] = t
+
+        async def healthz() -> None:
+            async with c.get("/healthz") as r:
+                await r.read()
+
+        await asyncio.gather(*(healthz() for _ in range(clients)))
+        c0 = self_cpu()
+        t0 = time.time()
+        await asyncio.gather(*(one() for _ in range(clients)))
+        t_enq = time.time()
+        ccpu = self_cpu() - c0
+        if bad:
+            raise SystemExit(f"genq: unexpected statuses {bad}")
+        while True:  # every job finished?
+            async with c.get(f"/v1/queues/{TOOL}") as r:
+                q = await r.json()
+            if q["queued"] == 0 and q["active"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        t_obs = time.time()
+    return {"sent": sent, "t0": t0, "t_enq": t_enq, "t_obs": t_obs, "client_cpu": ccpu}
+
+
+async def _genq_enqueue_httpx(url: str, jobs: int, clients: int, offset: int) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     sent: dict[str, float] = {}
     bad: dict[int, int] = {}
@@ -220,9 +263,9 @@ def run_genq(work: Path, args: argparse.Namespace, rnd: int, split: bool) -> dic
             worker = start_genq_worker(work, srv.data_dir, config, args.concurrency)
             procs.append(worker.pid)
         if args.warmup:
-            asyncio.run(genq_enqueue(srv.url, args.warmup, args.clients, offset=10_000_000))
+            asyncio.run(genq_enqueue(srv.url, args.warmup, args.clients, offset=10_000_000, client=args.client))
         s0 = sum(cpu_seconds(p) for p in procs)
-        res = asyncio.run(genq_enqueue(srv.url, args.jobs, args.clients, offset=0))
+        res = asyncio.run(genq_enqueue(srv.url, args.jobs, args.clients, offset=0, client=args.client))
         res["server_cpu"] = sum(cpu_seconds(p) for p in procs) - s0
         res["records"] = genq_records(srv.data_dir, res.pop("sent"))
     finally:
@@ -321,6 +364,8 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=20000, help="jobs per system and round (use e.g. 2000 for a quick run)")
     p.add_argument("--concurrency", type=int, default=4, help="worker slots in total, the same on every system")
     p.add_argument("--clients", type=int, default=16, help="genq: concurrent HTTP connections of the client")
+    p.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp",
+                   help="genq's HTTP client (the figures in BENCHMARKS.md run A/B used httpx)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--redis", default="default,everysec,always", help="Redis durability modes for Celery, in order")
@@ -347,7 +392,7 @@ def main() -> None:
             systems.append((f"celery/{m}", lambda w, r, m=m: run_celery(w, args, r, m)))
 
     print(f"genq vs Celery+Redis: {args.rounds} round(s) x {args.jobs} no-op jobs per system, {args.concurrency} worker "
-          f"slots each, genq client {args.clients} HTTP connections; {machine()}; load average "
+          f"slots each, genq client {args.client}, {args.clients} connections; {machine()}; load average "
           f"{os.getloadavg()[0]:.2f}", flush=True)
     results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in systems}
     with workdir(keep=args.keep) as work:
