@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import shutil
 import signal
@@ -119,7 +120,13 @@ class Embedded:
 
     def app(self):
         assert self.rt is not None
-        return create_app(self.rt)
+        app = create_app(self.rt)
+        # What exists now (imported modules, adapters, tools, the app) lives as long as the
+        # process: out of the cyclic GC's sight, a full collection no longer walks it.
+        # Under 400 status reads a second each full collection stalled the loop for up to
+        # 70 ms (BENCHMARKS.md §6).
+        gc.freeze()
+        return app
 
     async def stop(self, drain: float | None = None) -> None:
         if self._watch_task is not None:
