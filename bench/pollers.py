@@ -2,8 +2,8 @@
 
 One genq (the real embedded stack, its own process; tool ``noop`` with ``--slots``
 worker slots that run the jobs as they arrive). Two client processes, so no client
-CPU sits in the server's process:
-Clients use aiohttp (httpx's AsyncClient was the bottleneck at 200 connections).
+CPU sits in the server's process (both use aiohttp: httpx's AsyncClient was the
+bottleneck at 200 connections):
   * submitters: ``--submitters`` clients (default 20), each on its own keep-alive
     connection, each sending ``POST /v1/jobs`` then pausing ``--submit-interval`` s;
     every new job id is handed to the pollers;
@@ -16,8 +16,8 @@ nats-server child) and the two client processes over both. Client and server CPU
 reported so it can be seen who was busy.
 
 Before the clients start, one job per poller is submitted, so every poller has a job to
-poll from its first request. After ``--warmup`` seconds the clock starts and runs ``--seconds``. Every request's
-latency is measured at the client; an error is any status other than 202 (submit) or
+poll from its first request. After ``--warmup`` seconds the clock starts and runs
+``--seconds``. Every request's latency is measured at the client; an error is any status other than 202 (submit) or
 200 (status), or a request that raised (timeout, connection).
 
     python bench/pollers.py [--seconds 60] [--pollers 200] [--submitters 20]
