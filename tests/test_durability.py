@@ -351,3 +351,30 @@ async def test_worker_process_dies_mid_job(tmp_path, monkeypatch):
         for w in workers:
             w.kill()
         await stop_live(live, server, task)
+
+
+@pytest.mark.genq(tools={"echo": {"maxAttempts": 1}})
+async def test_a_job_drained_on_its_last_delivery_runs_again(live):
+    """A worker stopping (scale-in, rollout) hands its running job back without counting
+    the attempt, even when JetStream would not deliver that message again (its last
+    delivery, MaxDeliver 1 here): the job goes out as a new message and runs."""
+    from genq.worker.tools import build_tool
+    from genq.worker.worker import Worker
+    from test_api_flows import poll
+
+    rt = live.emb.rt
+    old = next(w for w in live.emb.workers if w.name == "echo")
+    async with live.client() as c:
+        jid = (await c.post("/v1/jobs", json={"tool": "echo", "params": {"sleep": 3, "text": "drained"}})).json()["id"]
+        await poll(c, jid, until=("running",))
+        await old.stop(drain=0)
+        assert (await c.get(f"/v1/jobs/{jid}")).json()["status"] == "queued"
+        spec = rt.registry.get("echo")
+        new = Worker(spec, build_tool(spec), store=rt.store, bus=rt.bus, blobs=rt.blobs, settings=rt.settings,
+                     metrics=rt.metrics)
+        await new.start()
+        try:
+            done = await poll(c, jid, timeout=30)
+        finally:
+            await new.stop(drain=5)
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done

@@ -11,8 +11,10 @@ from test_api_flows import assert_error, poll
 
 async def test_nats_down_gives_503_then_recovers(live):
     async with live.client() as c:
-        before = (await c.post("/v1/jobs", json={"tool": "once", "params": {"sleep": 0.5, "text": "before"}})).json()
-        queued = (await c.post("/v1/jobs", json={"tool": "once", "params": {"text": "queued"}})).json()
+        # echo keeps results for minutes (once's 2 s retention could delete these before
+        # the count at the end on a loaded machine)
+        before = (await c.post("/v1/jobs", json={"tool": "echo", "params": {"sleep": 0.5, "text": "before"}})).json()
+        queued = (await c.post("/v1/jobs", json={"tool": "echo", "params": {"sleep": 0.5, "text": "queued"}})).json()
         nats = live.emb.nats
         nats.kill()
         t0 = time.monotonic()

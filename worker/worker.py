@@ -439,10 +439,24 @@ class Worker:
     async def _interrupted(self, job: Job, d: Any, reason: str, mine: Any) -> None:
         now = time.time()
         if reason == "shutdown":
+            # Handed back whole: a drain is not the job's fault, so the attempt does not
+            # count. On the stream's last delivery a nak would never come back (MaxDeliver):
+            # then the job goes out as a new message and this one ends.
+            last = getattr(d, "attempt", 0) >= self.spec.max_attempts
             back = await self.store.transition(
-                job.id, [Status.RUNNING], guard=mine, status=Status.QUEUED, progress=0.0, worker=None, delivery=None
+                job.id, [Status.RUNNING], guard=mine, status=Status.QUEUED, progress=0.0, worker=None, delivery=None,
+                attempts=max(0, job.attempts - 1),
             )
-            await d.nak(0)
+            if back is not None and last:
+                try:
+                    seq = await self.bus.publish_job(self.name, job.priority.value, job.id,
+                                                     f"{job.id}.{job.seq}.{d.stream_seq}")
+                    await self.store.transition(job.id, [Status.QUEUED], stream_seq=seq)
+                except Exception:  # housekeeping's stream check republishes it once the message is gone
+                    log.exception("%s: job %s could not be republished on shutdown", self.name, job.id)
+                await d.term()
+            else:
+                await d.nak(0)
             if back is not None:
                 await self._emit(back)
             return
