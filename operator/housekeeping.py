@@ -85,6 +85,9 @@ class Housekeeper:
         self.stream_grace = 30.0
         self.stream_recheck = 300.0
         self.stream_checks = 50
+        #: Seconds between two stream checks (each lists a page of queued jobs).
+        self.stream_check_interval = 10.0
+        self._stream_checked_at = 0.0
         self._checked: dict[str, float] = {}
         self._stream_cursor: str | None = None
         self._stop = asyncio.Event()
@@ -133,7 +136,10 @@ class Housekeeper:
             except Exception:
                 log.exception("housekeeping: %s on job %s failed", action.value, job.id)
         try:
-            missing = await self.check_stream(now)
+            missing = 0
+            if now - self._stream_checked_at >= self.stream_check_interval:
+                self._stream_checked_at = now
+                missing = await self.check_stream(now)
         except Exception:
             log.exception("housekeeping: checking queued jobs against the stream failed")
         else:

@@ -74,6 +74,7 @@ async def test_queued_job_whose_stream_message_was_lost_is_republished(live):
 
     rt = live.emb.rt
     live.emb.housekeeper.stream_grace = 0.0
+    live.emb.housekeeper.stream_check_interval = 0.5
     lost = await rt.store.create(Job(id=str(ULID()), owner="admin", tool="echo", variant="default", priority=Priority.NORMAL,
                                      params={"text": "lost", "seed": 11}, seed=11, created_at=time.time() - 60,
                                      stream_seq=10_000_000))
