@@ -103,13 +103,15 @@ def _spawn(args: list[str], log: Path, timeout: float = 60) -> tuple[subprocess.
 
 
 def start_genq(work: Path, config: dict[str, Any], *, settings: dict[str, Any] | None = None, stop_workers: str = "",
-               loop: str = "asyncio", profile: Path | None = None, name: str = "genq") -> Server:
+               loop: str = "asyncio", profile: Path | None = None, name: str = "genq", tracemalloc: bool = False) -> Server:
     data = work / f"{name}-data"
     port = free_port()
     args = ["genq", "--port", str(port), "--data-dir", str(data), "--config", json.dumps(config),
             "--settings", json.dumps({**BENCH_SETTINGS, **(settings or {})}), "--stop-workers", stop_workers, "--loop", loop]
     if profile:
         args += ["--profile", str(profile)]
+    if tracemalloc:
+        args.append("--tracemalloc")
     log = work / f"{name}.log"
     proc, url = _spawn(args, log)
     return Server(proc, url, data, log)

@@ -61,6 +61,19 @@ async def run_genq(args: argparse.Namespace) -> None:
     from genq.tools import registry_from_dict
 
     settings = Settings(data_dir=Path(args.data_dir), admin_key=ADMIN, port=args.port, **json.loads(args.settings))
+    if args.tracemalloc:
+        # Memory by allocation site: SIGUSR2 writes a snapshot (tracemalloc-<n>.snap) next
+        # to the data folder; bench/soak.py --tracemalloc compares the first and the last.
+        import tracemalloc
+
+        tracemalloc.start(12)
+        shots = [0]
+
+        def snapshot() -> None:
+            shots[0] += 1
+            tracemalloc.take_snapshot().dump(str(Path(args.data_dir).parent / f"tracemalloc-{shots[0]}.snap"))
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, snapshot)
     emb = Embedded(settings, registry_from_dict(json.loads(args.config)))
     await emb.start()
     stop = {s for s in args.stop_workers.split(",") if s}
@@ -121,6 +134,7 @@ def main() -> None:
     p.add_argument("--stop-workers", default="")
     p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     p.add_argument("--profile")
+    p.add_argument("--tracemalloc", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     coro = run_genq(args) if args.kind == "genq" else run_bare(args)

@@ -20,6 +20,7 @@ retention pass), with the jobs done and errors.
 
     python bench/soak.py [--minutes 2]      # quick
     python bench/soak.py --long             # 30 minutes
+    python bench/soak.py --minutes 10 --tracemalloc   # and what grew, by allocation site
 """
 
 from __future__ import annotations
@@ -140,6 +141,15 @@ def report(name: str, unit: str, pts: list[tuple[float, float]]) -> str:
             f"second half {slope_per_minute(half):+7.3f} {unit}/min")
 
 
+def _tracemalloc_growth(work: Path, top: int = 15) -> str:
+    import tracemalloc
+
+    first, last = (tracemalloc.Snapshot.load(str(work / f"tracemalloc-{n}.snap")) for n in (1, 2))
+    lines = [f"  {d.size_diff / 1024:+9.1f} KiB {d.count_diff:+7d} blocks  {d.traceback.format(limit=1)[0].strip()}"
+             for d in last.compare_to(first, "lineno")[:top]]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=2)
@@ -149,6 +159,8 @@ def main() -> None:
     p.add_argument("--sse-every", type=int, default=10)
     p.add_argument("--ttl", type=int, default=60, help="resultTTLSeconds of the tool")
     p.add_argument("--sample", type=float, default=5, help="seconds between samples")
+    p.add_argument("--tracemalloc", action="store_true",
+                   help="trace genq's allocations; print what grew between a third of the run and its end")
     args = p.parse_args()
     minutes = 30 if args.long else args.minutes
     seconds = minutes * 60
@@ -157,7 +169,8 @@ def main() -> None:
     config = {"tools": [python_tool("png", "benchtools:png", maxWorkers=2, resultTTLSeconds=args.ttl)]}
     ctx = mp.get_context("fork")
     with workdir() as work:
-        srv = start_genq(work, config)
+        srv = start_genq(work, config, tracemalloc=args.tracemalloc)
+        shots: list[float] = [seconds / 3, seconds - 1] if args.tracemalloc else []
         try:
             nats = [p for p in _tree(srv.pid) if p != srv.pid]
             nats_pid = nats[0] if nats else None
@@ -180,6 +193,9 @@ def main() -> None:
                     print(f"  t={now - t0:6.0f} s   genq RSS {samples['genq RSS'][-1][1]:7.1f} MB   fds "
                           f"{samples['genq open fds'][-1][1]:4.0f}   load average {os.getloadavg()[0]:.2f}", flush=True)
                     next_print = now + 60
+                if shots and now - t0 >= shots[0]:
+                    shots.pop(0)
+                    srv.proc.send_signal(__import__("signal").SIGUSR2)
                 if now >= t_end:
                     break
                 time.sleep(min(args.sample, max(0.0, t_end - time.time())))
@@ -194,6 +210,9 @@ def main() -> None:
             rows = db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
             db.close()
             blob_files = sum(len(f) for _, _, f in os.walk(srv.data_dir / constants.BLOBS_DIR))
+            if args.tracemalloc:
+                time.sleep(3)  # the last snapshot is being written
+                growth = _tracemalloc_growth(work)
         finally:
             srv.stop()
     print(f"\n{minutes:g} min: {res['done']} jobs done ({res['done'] / seconds:.1f}/s), errors {sum(res['errors'].values())}"
@@ -202,6 +221,9 @@ def main() -> None:
     for name, pts in samples.items():
         if pts:
             print(report(name, "MB" if "RSS" in name else "fds", pts))
+    if args.tracemalloc:
+        print(f"\ngenq's Python allocations that grew from t={seconds / 3:.0f} s to the end (tracemalloc, by line):")
+        print(growth)
 
 
 if __name__ == "__main__":
