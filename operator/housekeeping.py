@@ -65,13 +65,6 @@ EVENTS: dict[Action, tuple[bool, str]] = {
 }
 
 
-async def rt_event(rt: Runtime, job: Job, reason: str, message: str, *, warning: bool = False) -> None:
-    record = getattr(rt.store, "record_event", None)
-    if record is not None:
-        with contextlib.suppress(Exception):
-            await record(job, reason, message, warning=warning)
-
-
 class Housekeeper:
     def __init__(self, rt: Runtime):
         self.rt = rt
@@ -132,7 +125,7 @@ class Housekeeper:
                     done[action.value] = done.get(action.value, 0) + 1
                     if action in EVENTS:
                         warning, message = EVENTS[action]
-                        await rt_event(self.rt, job, action.value, message.format(job=job), warning=warning)
+                        await self.rt.store.record_event(job, action.value, message.format(job=job), warning=warning)
             except Exception:
                 log.exception("housekeeping: %s on job %s failed", action.value, job.id)
         try:
@@ -173,7 +166,7 @@ class Housekeeper:
             if await self.rt.store.transition(job.id, [Status.QUEUED], version=job.version, stream_seq=seq) is not None:
                 log.warning("job %s was queued but its stream message %s was gone; republished as %s",
                             job.id, job.stream_seq, seq)
-                await rt_event(self.rt, job, Action.REPUBLISH.value,
+                await self.rt.store.record_event(job, Action.REPUBLISH.value,
                                f"The job's stream message {job.stream_seq} was gone; published it again.", warning=True)
                 republished += 1
         if len(self._checked) > 100_000:
