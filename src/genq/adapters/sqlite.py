@@ -1,7 +1,15 @@
 """``JobStore`` and ``KeyStore`` on SQLite: the embedded default.
 
-WAL mode through aiosqlite; a job's status moves only by compare-and-set
-(``UPDATE ... WHERE status IN (...) [AND version = ?] RETURNING``). Every write stamps the
+WAL mode, stdlib ``sqlite3``, statements run on the caller's (the event loop's) thread:
+with ``synchronous=NORMAL`` a commit is a write to the WAL without fsync, a fraction of a
+millisecond, cheaper than handing the statement to another thread and waiting for the
+GIL back. The loop never waits inside SQLite: its connection has no busy timeout, and a
+statement refused because another process holds the write lock is retried after an
+``asyncio.sleep`` backoff; the WAL is checkpointed (the only fsync of the database file)
+by a thread of its own, never inside a commit on the loop.
+
+A job's status moves only by compare-and-set (``UPDATE ... WHERE id = ? AND version = ?
+RETURNING``, after checking the expectation on the row just read). Every write stamps the
 row with a store-wide revision (``rev``); the in-memory dispatch-order index that answers
 ``position`` and queue counts in O(log n) follows the table by reading rows whose ``rev``
 is newer than the last one it saw, so it stays right even when a worker in another process
@@ -15,21 +23,42 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
+import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import aiosqlite
 from sortedcontainers import SortedList
 
 from genq.models import ApiKey, FileRef, Job, Priority, Status, cas_allows
 from genq.ports import JobFilter, Page, StorageFull, ToolCounts, Unavailable
 
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
 #: Longest a write by another process may take to show in positions and queue counts.
 SYNC_INTERVAL = 0.05
+#: Longest a statement waits, in all, for a write lock held by another process (a
+#: ``genq worker`` on the same file) before it fails: the old ``busy_timeout``. The wait is
+#: an async backoff, so the loop keeps serving meanwhile.
+BUSY_TIMEOUT = 10.0
+#: Pauses between tries of a statement refused with SQLITE_BUSY: SQLite's own busy
+#: handler's schedule (ms 1, 2, 5, 10, ... 100), then 100 ms until ``BUSY_TIMEOUT``.
+_BUSY_BACKOFF = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05, 0.1)
+#: Seconds between the checkpointer thread's passive checkpoints. Between two, the WAL
+#: holds about that many seconds of writes (a few MB at a few hundred jobs a second); a
+#: write after a complete checkpoint starts the WAL over from its beginning.
+CHECKPOINT_INTERVAL = 1.0
+#: A WAL larger than this (a reader held an old snapshot, so passive passes could not
+#: finish) gets a TRUNCATE checkpoint, which waits for readers; the same size caps what the
+#: WAL file keeps on disk after it starts over (``journal_size_limit``).
+WAL_LIMIT_BYTES = 64 * 1024 * 1024
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -192,9 +221,12 @@ class _QueueIndex:
 class SQLiteStore:
     """Jobs, keys, idempotency records and worker liveness in one SQLite file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, checkpoint_interval: float | None = CHECKPOINT_INTERVAL):
+        """``checkpoint_interval`` None: no checkpointer thread (the WAL only grows)."""
         self.path = Path(path)
-        self._db: aiosqlite.Connection | None = None
+        self.checkpoint_interval = checkpoint_interval
+        self._db: sqlite3.Connection | None = None
+        self._checkpointer: _Checkpointer | None = None
         self._index = _QueueIndex()
         self._sync_lock = asyncio.Lock()
         self._last_sync = 0.0
@@ -202,47 +234,84 @@ class SQLiteStore:
     # -- lifecycle -------------------------------------------------------------------
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        # WAL: readers never block the writer. synchronous=NORMAL is crash-safe for the
-        # process (kill -9 loses nothing committed); only an OS crash or power cut can
-        # lose the last transactions, and the stream (fsync always) still holds them.
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA synchronous=NORMAL")
-        await self._db.execute("PRAGMA busy_timeout=10000")
-        await self._db.execute("PRAGMA foreign_keys=ON")
-        await self._db.executescript(SCHEMA)
-        await self._sync(full=True)
+        # check_same_thread off only so close() can run on a thread; every statement runs
+        # on the thread that awaits the store's methods (the event loop's).
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
+        db.row_factory = sqlite3.Row
+        self._db = db
+        try:
+            # WAL: readers never block the writer. synchronous=NORMAL is crash-safe for the
+            # process (kill -9 loses nothing committed); only an OS crash or power cut can
+            # lose the last transactions, and the stream (fsync always) still holds them.
+            # No auto-checkpoint: it would run (and fsync) inside a commit on the loop.
+            await self._run(_script, """
+                PRAGMA journal_mode=WAL;
+                PRAGMA synchronous=NORMAL;
+                PRAGMA busy_timeout=0;
+                PRAGMA wal_autocheckpoint=0;
+                PRAGMA foreign_keys=ON;
+            """ + f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES};")
+            await self._run(_script, SCHEMA)
+            await self._sync(full=True)
+        except BaseException:
+            self._db = None
+            db.close()
+            raise
+        if self.checkpoint_interval is not None:
+            self._checkpointer = _Checkpointer(self.path, self.checkpoint_interval)
+            self._checkpointer.start()
 
     async def close(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        db, self._db = self._db, None
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            await asyncio.to_thread(self._checkpointer.join)
+            self._checkpointer = None
+        if db is not None:
+            # The last connection to close checkpoints the WAL (an fsync): not on the loop.
+            await asyncio.to_thread(db.close)
 
     async def ping(self) -> None:
         try:
-            await self._conn.execute("SELECT 1")
+            await self._rows("SELECT 1")
+        except Unavailable:
+            raise
         except Exception as e:  # pragma: no cover - only on a broken file
             raise Unavailable(f"job store: {e}") from e
 
     @property
-    def _conn(self) -> aiosqlite.Connection:
+    def _conn(self) -> sqlite3.Connection:
         if self._db is None:
             raise Unavailable("job store is closed")
         return self._db
 
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(connection, *args)`` on this thread. Refused with SQLITE_BUSY (another
+        process holds the write lock), it is tried again after a pause, up to
+        ``BUSY_TIMEOUT``: the loop serves other requests meanwhile, where SQLite's busy
+        timeout would hold the whole thread. ``fn`` is one statement in autocommit mode,
+        or a read-check-write that is safe to repeat (the compare-and-set)."""
+        deadline: float | None = None
+        pauses = itertools.chain(_BUSY_BACKOFF, itertools.repeat(_BUSY_BACKOFF[-1]))
+        while True:
+            try:
+                return fn(self._conn, *args)
+            except sqlite3.OperationalError as e:
+                if _is_full(e):
+                    raise StorageFull(str(e)) from e
+                if not _is_busy(e):
+                    raise
+                now = time.monotonic()
+                deadline = deadline or now + BUSY_TIMEOUT
+                if now >= deadline:
+                    raise
+            await asyncio.sleep(next(pauses))
+
     async def _write(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        # execute_fetchall: one hop to aiosqlite's thread per statement (execute, fetchall
-        # and close as separate awaits were three).
-        try:
-            return list(await self._conn.execute_fetchall(sql, tuple(args)))
-        except sqlite3.OperationalError as e:
-            if "disk is full" in str(e) or "database or disk is full" in str(e):
-                raise StorageFull(str(e)) from e
-            raise
+        return await self._run(_fetch, sql, tuple(args))
 
     async def _rows(self, sql: str, args: Iterable[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
-        return list(await self._conn.execute_fetchall(sql, args if isinstance(args, dict) else tuple(args)))
+        return await self._run(_fetch, sql, args if isinstance(args, dict) else tuple(args))
 
     def _note(self, job: Job | None) -> Job | None:
         """Apply this process's own write to the index at once (rows read by a later sync
@@ -262,14 +331,17 @@ class SQLiteStore:
         async with self._sync_lock:
             self._last_sync = time.monotonic()
             if full:
-                self._index = _QueueIndex()
+                # The top revision first: a write landing between the two reads is read
+                # again by the next sync rather than missed.
+                top = await self._rows("SELECT COALESCE(MAX(rev), 0) AS r FROM jobs")
                 rows = await self._rows(
                     "SELECT id, tool, status, prank, seq, rev FROM jobs WHERE status IN ('queued','running')"
                 )
-                top = await self._rows("SELECT COALESCE(MAX(rev), 0) AS r FROM jobs")
+                index = _QueueIndex()
                 for r in rows:
-                    self._index.apply(r["id"], r["tool"], r["status"], r["prank"], r["seq"])
-                self._index.rev = top[0]["r"]
+                    index.apply(r["id"], r["tool"], r["status"], r["prank"], r["seq"])
+                index.rev = top[0]["r"]
+                self._index = index
                 return
             rows = await self._rows(
                 "SELECT id, tool, status, prank, seq, rev FROM jobs WHERE rev > ? ORDER BY rev", (self._index.rev,)
@@ -334,14 +406,8 @@ class SQLiteStore:
         bad = set(changes) - _UPDATABLE
         if bad:
             raise ValueError(f"cannot change {sorted(bad)}")
-        try:
-            # Read, check and write in one trip to the connection's thread.
-            return self._note(await self._conn._execute(
-                _cas_in_thread, self._conn._conn, job_id, expect, version, guard, requeue, changes))
-        except sqlite3.OperationalError as e:
-            if "disk is full" in str(e):
-                raise StorageFull(str(e)) from e
-            raise
+        # Read, check and write with no await between them.
+        return self._note(await self._run(_cas, job_id, expect, version, guard, requeue, changes))
 
     async def delete(self, job_id: str) -> None:
         await self._write("DELETE FROM jobs WHERE id = ?", (job_id,))
@@ -447,15 +513,16 @@ class SQLiteStore:
 
     async def idempotency_put(self, owner: str, key: str, body_hash: str, job_id: str, expires_at: float) -> tuple[str, str]:
 
-        await self._write(
-            "DELETE FROM idempotency WHERE owner = ? AND key = ? AND expires_at <= ?", (owner, key, time.time())
-        )
-        await self._write(
-            "INSERT OR IGNORE INTO idempotency (owner, key, body_hash, job_id, expires_at) VALUES (?, ?, ?, ?, ?)",
-            (owner, key, body_hash, job_id, expires_at),
-        )
-        rows = await self._rows("SELECT body_hash, job_id FROM idempotency WHERE owner = ? AND key = ?", (owner, key))
-        return rows[0]["body_hash"], rows[0]["job_id"]
+        def put(conn: sqlite3.Connection) -> tuple[str, str]:
+            conn.execute("DELETE FROM idempotency WHERE owner = ? AND key = ? AND expires_at <= ?", (owner, key, time.time()))
+            conn.execute(
+                "INSERT OR IGNORE INTO idempotency (owner, key, body_hash, job_id, expires_at) VALUES (?, ?, ?, ?, ?)",
+                (owner, key, body_hash, job_id, expires_at),
+            )
+            rows = conn.execute("SELECT body_hash, job_id FROM idempotency WHERE owner = ? AND key = ?", (owner, key)).fetchall()
+            return rows[0]["body_hash"], rows[0]["job_id"]
+
+        return await self._run(put)
 
     async def idempotency_delete(self, owner: str, key: str, job_id: str) -> None:
         await self._write("DELETE FROM idempotency WHERE owner = ? AND key = ? AND job_id = ?", (owner, key, job_id))
@@ -513,7 +580,67 @@ _CAS_SETS = ", ".join([
 ])
 
 
-def _cas_in_thread(
+def _fetch(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...] | dict[str, Any]) -> list[sqlite3.Row]:
+    # fetchall: a statement stepped to its end is reset at once, so a write commits here
+    # (autocommit) and a read lets go of its WAL snapshot.
+    return conn.execute(sql, args).fetchall()
+
+
+def _script(conn: sqlite3.Connection, sql: str) -> None:
+    conn.executescript(sql)
+
+
+def _is_busy(e: sqlite3.OperationalError) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF == sqlite3.SQLITE_BUSY
+    return "database is locked" in str(e)  # pragma: no cover - Python always sets the code
+
+
+def _is_full(e: sqlite3.OperationalError) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    return (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or "disk is full" in str(e)
+
+
+class _Checkpointer(threading.Thread):
+    """Copies the WAL back into the database file every ``interval`` seconds, on its own
+    connection and thread, so the fsync this takes never happens on the event loop (the
+    loop's connection has auto-checkpoint off)."""
+
+    def __init__(self, path: Path, interval: float):
+        super().__init__(name=f"genq-sqlite-checkpoint-{path.name}", daemon=True)
+        self.path = path
+        self.wal = Path(f"{path}-wal")
+        self.interval = interval
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        try:
+            while not self._stop_event.wait(self.interval):
+                self.checkpoint(conn)
+        finally:
+            conn.close()
+
+    def checkpoint(self, conn: sqlite3.Connection) -> None:
+        try:
+            size = self.wal.stat().st_size
+        except FileNotFoundError:
+            return
+        # PASSIVE never waits and never blocks a writer; TRUNCATE (a WAL that passive
+        # passes could not empty) waits for readers and holds writers off meanwhile, who
+        # back off asynchronously.
+        mode = "TRUNCATE" if size > WAL_LIMIT_BYTES else "PASSIVE"
+        try:
+            conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+        except sqlite3.Error as e:
+            log.debug("checkpoint of %s: %s", self.path, e)
+
+
+def _cas(
     conn: sqlite3.Connection,
     job_id: str,
     expect: list[str] | None,
@@ -522,9 +649,9 @@ def _cas_in_thread(
     requeue: bool,
     changes: dict[str, Any],
 ) -> Job | None:
-    """Compare-and-set, run on the connection's own thread. The ``version = ?`` in the
-    UPDATE keeps it atomic against writers in other processes; on a lost race the row is
-    read afresh and the expectation checked again."""
+    """Compare-and-set. The ``version = ?`` in the UPDATE keeps it atomic against writers
+    in other processes; on a lost race the row is read afresh and the expectation checked
+    again. Safe to run again from the start when SQLite answers SQLITE_BUSY."""
     for _ in range(5):
         # fetchall, not fetchone: a statement stepped to its end is reset at once, so an
         # UPDATE ... RETURNING commits here and not whenever its cursor is collected.
