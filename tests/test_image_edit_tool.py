@@ -33,7 +33,7 @@ def spec() -> ToolSpec:
 
 @pytest.fixture(scope="module")
 def tool(spec):
-    t = build_tool(spec)
+    t = build_tool(spec, isolation="thread")
     t.load("4step")
     return t
 
@@ -136,7 +136,7 @@ def test_plus_model_takes_several_images():
         {"tool": {"kind": "imageEdit", "name": "edit-plus"}, "model": str(qwen_edit_dir(plus=True)),
          "variants": [{"name": "40step", "steps": 2}], "options": {**TEST_OPTIONS, "outputSize": "input"}}
     )
-    t = build_tool(spec)
+    t = build_tool(spec, isolation="thread")
     one = t.run(call(spec, {}, variant="40step", images=[photo()]))
     two = t.run(call(spec, {}, variant="40step", images=[photo(), photo(shift=80)]))
     assert decode(two).size == (128, 64) and two.metrics["pipeline"] == "QwenImageEditPlusPipeline"
@@ -147,7 +147,7 @@ def test_plus_model_takes_several_images():
 
 def test_model_size_output_and_webp():
     spec = ToolSpec.model_validate(image_edit_config(outputSize="model"))
-    t = build_tool(spec)
+    t = build_tool(spec, isolation="thread")
     r = t.run(call(spec, {"steps": 1, "output_format": "webp"}, variant="40step"))
     f = r.files[0]
     assert f.name == "result.webp" and f.content_type == "image/webp"
@@ -162,4 +162,4 @@ def test_wrong_model_kind_is_a_clear_error():
         {"tool": {"kind": "imageEdit", "name": "edit"}, "model": str(text_to_image_dir()), "options": TEST_OPTIONS}
     )
     with pytest.raises(ToolError, match="StableDiffusionPipeline; imageEdit needs"):
-        build_tool(spec).load()
+        build_tool(spec, isolation="thread").load()

@@ -37,7 +37,7 @@ def make_spec(**options) -> ToolSpec:
 
 @pytest.fixture(scope="module")
 def tool():
-    t = build_tool(make_spec())
+    t = build_tool(make_spec(), isolation="thread")
     t.load("sd-x4")
     return t
 
@@ -113,12 +113,12 @@ def test_cancel_mid_run(tool):
 
 
 def test_input_limit_and_missing_model():
-    small = build_tool(make_spec(sdMaxInputPixels=100))
+    small = build_tool(make_spec(sdMaxInputPixels=100), isolation="thread")
     with pytest.raises(ToolError) as e:
         small.run(call(sample()))
     assert e.value.code == "invalid_input"
     spec = make_spec().model_copy(update={"model": None})
     with pytest.raises(ToolError, match="needs a model"):
-        build_tool(spec).load("sd-x4")
+        build_tool(spec, isolation="thread").load("sd-x4")
     # Other variants of the same tool keep working without it.
-    assert decode(build_tool(spec).run(call(sample(), variant="lanczos"))).size == (80, 48)
+    assert decode(build_tool(spec, isolation="thread").run(call(sample(), variant="lanczos"))).size == (80, 48)

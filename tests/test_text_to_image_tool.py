@@ -39,7 +39,7 @@ def make_spec(**extra) -> ToolSpec:
 
 @pytest.fixture(scope="module")
 def tool():
-    t = build_tool(make_spec())
+    t = build_tool(make_spec(), isolation="thread")
     t.load("base")
     return t
 
@@ -116,7 +116,7 @@ def test_width_height_and_model_constraints(tool):
     with pytest.raises(ToolError) as e:
         tool.run(bad)
     assert e.value.code == "invalid_input" and "multiples of 8" in str(e.value)
-    small = build_tool(make_spec(options={"maxPixels": 64 * 64}))
+    small = build_tool(make_spec(options={"maxPixels": 64 * 64}), isolation="thread")
     with pytest.raises(ToolError) as e:
         small.run(call({"prompt": "a cat", "width": 128, "height": 64}))
     assert e.value.code == "invalid_input" and "limit" in str(e.value)
@@ -204,8 +204,8 @@ def test_webp_and_jpeg_outputs_carry_the_params(tool):
 
 
 def test_unsupported_inputs_and_missing_model():
-    t = build_tool(make_spec(model=None))
+    t = build_tool(make_spec(model=None), isolation="thread")
     with pytest.raises(ToolError, match="no model"):
         t.load()
     with pytest.raises(ToolError, match="model_index.json"):
-        build_tool(make_spec(model="/nonexistent/folder")).load()
+        build_tool(make_spec(model="/nonexistent/folder"), isolation="thread").load()

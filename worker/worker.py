@@ -3,8 +3,10 @@
 Each slot (``maxWorkers × concurrencyPerWorker`` of them in the embedded mode, one per
 ``concurrencyPerWorker`` in a pod) asks the bus for the next job in dispatch order, moves
 it ``queued → running`` by compare-and-set, heartbeats the message with ``in_progress``
-while the tool runs in a thread, writes results under the job's own keys and ends the
-delivery with ``ack`` (done), ``nak(delay)`` (retry with backoff) or ``term``.
+while the tool runs (in the slot's own child process for the diffusers kinds, see
+:mod:`genq.worker.tools.isolated`; else in a thread), writes results under the job's own
+keys and ends the delivery with ``ack`` (done), ``nak(delay)`` (retry with backoff) or
+``term``.
 
 Delivery is at least once; effects are exactly once: every status write is guarded by the
 attempt that made it, so a redelivered job that lost the race does nothing.
@@ -147,6 +149,10 @@ class Worker:
                 await t
         for s in self._subs:
             await s.unsubscribe()
+        aclose = getattr(self.tool, "aclose", None)
+        if aclose is not None:  # the tool's child processes
+            with contextlib.suppress(Exception):
+                await aclose()
         with contextlib.suppress(Exception):
             await self.store.worker_gone(self.id)
 
@@ -161,7 +167,7 @@ class Worker:
     async def _load(self) -> None:
         t0 = time.perf_counter()
         try:
-            await asyncio.to_thread(self.tool.load, self.spec.default_variant)
+            await self._load_variant(self.spec.default_variant)
         except Exception:
             log.exception("%s: loading the model failed; jobs will retry the load", self.name)
         else:
@@ -188,7 +194,11 @@ class Worker:
             variant = msg.get("variant") or self.spec.default_variant
             self._warm_until = max(self._warm_until, time.time() + float(msg.get("seconds") or 0))
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.tool.load, variant)
+                await self._load_variant(variant)
+
+    async def _load_variant(self, variant: str) -> None:
+        aload = getattr(self.tool, "aload", None)  # a tool in child processes loads there
+        await (aload(variant) if aload else asyncio.to_thread(self.tool.load, variant))
 
     # -- the slot loop -----------------------------------------------------------------
     async def _slot(self, index: int) -> None:

@@ -138,7 +138,7 @@ def worker(
     async def main() -> None:
         rt = build_runtime(s, registry, url)
         await rt.open()
-        w = Worker(spec, build_tool(spec), store=rt.store, bus=rt.bus, blobs=rt.blobs, settings=s, slots=slots,
+        w = Worker(spec, build_tool(spec, slots=slots or spec.concurrency_per_worker), store=rt.store, bus=rt.bus, blobs=rt.blobs, settings=s, slots=slots,
                    metrics=rt.metrics)
         await w.start()
         health = None

@@ -86,7 +86,7 @@ class Embedded:
         if handed_back:
             log.info("handed back %d job(s) left running by a previous process", handed_back)
         for spec in self.registry:
-            tool = build_tool(spec)
+            tool = build_tool(spec, slots=spec.capacity)
             w = Worker(spec, tool, store=self.rt.store, bus=self.rt.bus, blobs=self.rt.blobs, settings=self.settings,
                        slots=spec.capacity, metrics=self.rt.metrics)
             await w.start()

@@ -6,8 +6,16 @@ from genq.tools import ToolSpec
 from genq.worker.tools.base import Tool
 
 
-def build_tool(spec: ToolSpec) -> Tool:
-    """The runnable tool for ``spec``; heavy imports happen here, not at module import."""
+def build_tool(spec: ToolSpec, *, slots: int = 1, isolation: str | None = None) -> Tool:
+    """The runnable tool for ``spec``; heavy imports happen here, not at module import.
+
+    ``isolation`` (default: ``spec.options.isolation``, see :mod:`.isolated`): ``process``
+    gives each of the ``slots`` its own child process running the tool; ``thread`` runs
+    it in this process."""
+    from genq.worker.tools.isolated import ProcessTool, isolation_of
+
+    if (isolation or isolation_of(spec)) == "process":
+        return ProcessTool(spec, slots)  # type: ignore[return-value]
     if spec.kind == "python":
         from genq.worker.tools.python import PythonTool
 

@@ -44,12 +44,28 @@ class CancelToken:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[str], None]] = []
         self.reason: str | None = None
 
     def cancel(self, reason: str = "cancelled") -> None:
-        if not self._event.is_set():
+        with self._lock:
+            if self._event.is_set():
+                return
             self.reason = reason
             self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(reason)
+
+    def on_cancel(self, fn: Callable[[str], None]) -> None:
+        """Call ``fn(reason)`` once, on the cancelling thread, when the token is cancelled
+        (at once if it already is): how a tool running elsewhere hears of it."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self.reason or "cancelled")
 
     @property
     def cancelled(self) -> bool:
