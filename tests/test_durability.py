@@ -378,3 +378,38 @@ async def test_a_job_drained_on_its_last_delivery_runs_again(live):
         finally:
             await new.stop(drain=5)
     assert done["status"] == "succeeded" and done["attempts"] == 1, done
+
+
+@pytest.mark.genq(tools={"echo": {"maxAttempts": 1, "maxWorkers": 1}})
+async def test_the_next_job_is_pulled_in_the_last_step_and_handed_back_on_stop(live):
+    """A slot pulls its next job while the running one is in its last step (no pull gap
+    between jobs), and the job stays ``queued`` until it starts. A worker stopping then
+    hands it back, even on its last JetStream delivery (MaxDeliver 1 here)."""
+    from genq.worker.tools import build_tool
+    from genq.worker.worker import Worker
+    from test_api_flows import poll
+
+    rt = live.emb.rt
+    old = next(w for w in live.emb.workers if w.name == "echo")
+    async with live.client() as c:
+        a = (await c.post("/v1/jobs", json={"tool": "echo", "params": {"sleep": 4, "text": "a"}})).json()["id"]
+        b = (await c.post("/v1/jobs", json={"tool": "echo", "params": {"text": "b"}})).json()["id"]
+        deadline = time.monotonic() + 20
+        while not (old._prefetch and old._prefetch[0].done()):
+            assert time.monotonic() < deadline, "the next job was not pulled during the last step"
+            await asyncio.sleep(0.02)
+        assert old._prefetch[0].result().job_id == b
+        assert (await c.get(f"/v1/jobs/{a}")).json()["progress"] >= 0.9
+        assert (await c.get(f"/v1/jobs/{b}")).json()["status"] == "queued"
+        await old.stop(drain=5)  # a finishes; b was never started here
+        assert (await c.get(f"/v1/jobs/{a}")).json()["status"] == "succeeded"
+        assert (await c.get(f"/v1/jobs/{b}")).json()["status"] == "queued"
+        spec = rt.registry.get("echo")
+        new = Worker(spec, build_tool(spec), store=rt.store, bus=rt.bus, blobs=rt.blobs, settings=rt.settings,
+                     metrics=rt.metrics)
+        await new.start()
+        try:
+            done = await poll(c, b, timeout=30)
+        finally:
+            await new.stop(drain=5)
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done
