@@ -146,5 +146,12 @@ async def live(tmp_path, monkeypatch, request):
         await stop_live(lv, server, task)
 
 
+def pytest_addoption(parser):
+    group = parser.getgroup("chaos", "genq reliability suite (tests/chaos)")
+    group.addoption("--long", action="store_true", default=False,
+                    help="Run the reliability suite's long form (minutes per scenario).")
+    group.addoption("--chaos-seed", type=int, default=None, help="Seed for the reliability suite's random choices.")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "genq(**settings): settings for the live genq fixture")

@@ -19,18 +19,14 @@ import pytest
 sys.path.append(str(Path(__file__).parent))
 
 
-def pytest_addoption(parser):
-    group = parser.getgroup("chaos", "genq reliability suite")
-    group.addoption("--long", action="store_true", default=False,
-                    help="Run the reliability suite's long form (minutes per scenario).")
-    group.addoption("--chaos-seed", type=int, default=None, help="Seed for the reliability suite's random choices.")
+# --long and --chaos-seed are declared in tests/conftest.py: an option added here would
+# exist only when this folder is named on the command line (`pytest --long` from the
+# repository root would be refused).
 
 
 @pytest.fixture
 def long_form(request) -> bool:
-    # getoption with a default: the option exists only when this folder is on the command
-    # line (pytest registers options of the initial conftests only).
-    return bool(request.config.getoption("--long", default=False))
+    return bool(request.config.getoption("--long"))
 
 
 @pytest.fixture
