@@ -6,8 +6,14 @@ SPEC's dispatch order (priority, then FIFO). The message id is the job id (publi
 acks are explicit, ``MaxDeliver`` is the tool's ``maxAttempts``.
 
 An idle worker slot does not spin: after a publish the API sends a kick on
-``genq.kick.<tool>``; slots wait for a kick (or a short timeout, in case one was missed)
-and then ask the consumers with ``no_wait`` pull requests, which answer at once.
+``genq.kick.<tool>`` naming the priority; slots wait for a kick (or a short timeout, in
+case one was missed) and then ask the consumers with ``no_wait`` pull requests, which
+answer at once.
+
+One pull request per job in a steady flow: a consumer found empty is skipped by later
+pulls until a kick for its priority arrives or ``EMPTY_RECHECK_SECONDS`` pass (a nak'ed
+retry or an ack-wait redelivery comes back without a kick), and every consumer's pull
+requests share one reply subscription instead of a fresh inbox (SUB, PUB, UNSUB) each.
 
 Neighbours: implements :class:`genq.ports.Bus`; :mod:`genq.adapters.nats_server` starts the
 embedded server this talks to.
@@ -16,6 +22,8 @@ embedded server this talks to.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
 import logging
 import time
@@ -42,6 +50,14 @@ _REQUEST_TIMEOUT = 2.0
 #: keeps every id for the whole window, ~300 bytes each (24 h at 14 jobs/s grew
 #: nats-server by 0.2 MB a minute, ~350 MB a day; bench/soak.py, BENCHMARKS.md §7).
 DUPLICATE_WINDOW_SECONDS = 600.0
+
+#: How long a pull trusts that a consumer it found empty is still empty, when no kick for
+#: its priority came since. A kick follows every publish; what comes back without one (a
+#: nak'ed retry after its delay, an ack-wait redelivery) is found within this time by a
+#: busy slot, and by the next idle re-pull of an idle one (every second), so under 1 s.
+EMPTY_RECHECK_SECONDS = 0.5
+
+_PULL_ONE = b'{"batch":1,"no_wait":true}'
 
 
 class NatsDelivery:
@@ -112,6 +128,49 @@ class NatsSubscription:
             pass
 
 
+class _PullInbox:
+    """One consumer's reply subject for its pull requests, subscribed once.
+
+    JetStream answers a pull with the job message under the message's own subject (so
+    nats-py's muxed request inbox, which routes by subject, cannot take it); here each
+    consumer has its own subscription, and each reply goes to the oldest waiting pull of
+    that consumer. Any reply answers any pull of the same consumer, so a late reply after
+    a timed-out pull is still used; a job message nobody waits for any more is handed back
+    (nak) at once rather than left until its ack wait runs out."""
+
+    def __init__(self, api_subject: str):
+        self.api_subject = api_subject
+        self.subject = ""
+        self.sub: Any = None
+        self.waiters: collections.deque[asyncio.Future[Msg]] = collections.deque()
+
+    async def subscribe(self, nc: nats.NATS) -> None:
+        self.subject = nc.new_inbox()
+        self.sub = await nc.subscribe(self.subject, cb=self._on_msg)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(msg)
+                return
+        if msg.reply and not (msg.headers and msg.headers.get("Status")):
+            with contextlib.suppress(Exception):
+                await msg.nak()
+
+    async def request(self, nc: nats.NATS, timeout: float) -> Msg:
+        fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            await nc.publish(self.api_subject, _PULL_ONE, reply=self.subject)
+            async with asyncio.timeout(timeout):
+                return await fut
+        finally:
+            if not fut.done() or fut.cancelled():
+                with contextlib.suppress(ValueError):
+                    self.waiters.remove(fut)
+
+
 class NatsBus:
     def __init__(self, url: str, *, name: str = "genq"):
         self.url = url
@@ -120,7 +179,18 @@ class NatsBus:
         self._js: Any = None
         self._kick_subs: dict[str, Any] = {}
         self._kick_gen: dict[str, int] = {}
-        self._kick_event: dict[str, asyncio.Event] = {}
+        #: Slots waiting for work, per tool: a kick (one published job) wakes one of them.
+        self._work_waiters: dict[str, collections.deque[asyncio.Future[None]]] = {}
+        #: (tool, priority) -> when a pull last found that consumer empty (monotonic).
+        self._empty_at: dict[tuple[str, str], float] = {}
+        #: (tool, priority) -> kicks for it so far: a pull that was under way when one came
+        #: does not mark the consumer empty on the strength of its (older) answer.
+        self._prio_kicks: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: (tool, priority) -> the highest stream sequence this bus was handed from that
+        #: consumer: a kick for a job at or below it comes after the job was taken.
+        self._taken_seq: dict[tuple[str, str], int] = {}
+        self._inboxes: dict[tuple[str, str], _PullInbox] = {}
+        self._setup_lock = asyncio.Lock()
         self._closing = False
         #: When JetStream first left a publish unanswered on a live connection (None once one
         #: succeeds). After a failed write (a full disk) a stream refuses every publish until
@@ -226,27 +296,50 @@ class NatsBus:
             raise Unavailable(f"could not enqueue on JetStream: {e}") from e
         self.stalled_since = None
         try:
-            await self.nc.publish(constants.kick_subject(tool), b"{}")
+            kick = {"priority": priority, "seq": ack.seq}
+            await self.nc.publish(constants.kick_subject(tool), json.dumps(kick, separators=(",", ":")).encode())
         except Exception:  # the kick is an optimisation; slots also poll
             pass
         return ack.seq
 
     async def pull(self, tool: str) -> NatsDelivery | None:
+        """The next job of ``tool`` in dispatch order: ``high``, then ``normal``, then
+        ``low``, skipping a consumer found empty since its last kick (for at most
+        ``EMPTY_RECHECK_SECONDS``). None if every consumer asked had nothing."""
         nc = self.nc
+        if (tool, constants.PRIORITIES[-1]) not in self._inboxes:
+            await self._setup_pulls(tool)
         for prio in constants.PRIORITIES:
-            subject = f"$JS.API.CONSUMER.MSG.NEXT.{constants.JOBS_STREAM}.{constants.consumer_name(tool, prio)}"
+            key = (tool, prio)
+            empty_at = self._empty_at.get(key)
+            if empty_at is not None and time.monotonic() - empty_at < EMPTY_RECHECK_SECONDS:
+                continue
+            inbox = self._inboxes[key]
+            kicks = self._prio_kicks[key]
             try:
-                # old_style: JetStream delivers with the message's own subject, which the
-                # muxed request inbox cannot route; a per-request inbox routes by sid.
-                msg = await nc.request(subject, b'{"batch":1,"no_wait":true}', timeout=_REQUEST_TIMEOUT, old_style=True)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError, nats.errors.NoRespondersError):
+                msg = await inbox.request(nc, _REQUEST_TIMEOUT)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 continue
             except nats.errors.Error as e:
-                raise Unavailable(f"pull from {subject}: {e}") from e
-            if msg.headers and msg.headers.get("Status"):
-                continue  # 404 no messages, 408 timeout, 409 consumer busy
+                raise Unavailable(f"pull from {inbox.api_subject}: {e}") from e
+            status = msg.headers.get("Status") if msg.headers else None
+            if status:
+                # 404 no messages (408 timeout, 409 consumer busy, 503 no responders).
+                if status == "404" and self._prio_kicks[key] == kicks:
+                    self._empty_at[key] = time.monotonic()
+                continue
             if not msg.reply:
                 continue
+            # The last message the consumer had (as it said when it sent this one): the
+            # next pull need not ask it again unless a kick comes. One request per job,
+            # also when jobs trickle in one at a time.
+            md = msg.metadata
+            if md.num_pending == 0 and self._prio_kicks[key] == kicks:
+                self._empty_at[key] = time.monotonic()
+            else:
+                self._empty_at.pop(key, None)
+            if md.num_delivered == 1 and md.sequence.stream > self._taken_seq.get(key, 0):
+                self._taken_seq[key] = md.sequence.stream
             try:
                 job_id = json.loads(msg.data)["id"]
             except (ValueError, KeyError, TypeError):
@@ -256,28 +349,74 @@ class NatsBus:
             return NatsDelivery(msg, job_id, prio)
         return None
 
+    async def _setup_pulls(self, tool: str) -> None:
+        """The kick subscription (empty marks are only trusted while kicks are heard) and
+        one reply subscription per consumer, once per tool."""
+        async with self._setup_lock:
+            try:
+                if tool not in self._kick_subs:
+                    await self._subscribe_kicks(tool)
+                for prio in constants.PRIORITIES:
+                    if (tool, prio) not in self._inboxes:
+                        inbox = _PullInbox(
+                            f"$JS.API.CONSUMER.MSG.NEXT.{constants.JOBS_STREAM}.{constants.consumer_name(tool, prio)}")
+                        await inbox.subscribe(self.nc)
+                        self._inboxes[(tool, prio)] = inbox
+            except nats.errors.Error as e:
+                raise Unavailable(f"pull setup for {tool}: {e}") from e
+
+    def _may_have_work(self, key: tuple[str, str]) -> None:
+        self._prio_kicks[key] += 1
+        self._empty_at.pop(key, None)
+
     def work_token(self, tool: str) -> int:
         return self._kick_gen.get(tool, 0)
 
     async def wait_for_work(self, tool: str, token: int, timeout: float) -> None:
+        """Return at once if a kick came since ``token``; else when a kick wakes this
+        caller, or after ``timeout``. A kick announces one job, so it wakes one waiting
+        slot, not all of them: idle slots do not all rush to pull the same job."""
         if tool not in self._kick_subs:
-            await self._subscribe_kicks(tool)
+            async with self._setup_lock:
+                if tool not in self._kick_subs:
+                    await self._subscribe_kicks(tool)
         if self._kick_gen.get(tool, 0) != token:
             return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._work_waiters.setdefault(tool, collections.deque())
+        waiters.append(fut)
         try:
-            await asyncio.wait_for(self._kick_event[tool].wait(), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
             pass
+        finally:
+            if not fut.done() or fut.cancelled():
+                with contextlib.suppress(ValueError):
+                    waiters.remove(fut)
 
     async def _subscribe_kicks(self, tool: str) -> None:
         self._kick_gen.setdefault(tool, 0)
-        self._kick_event.setdefault(tool, asyncio.Event())
 
-        async def _on_kick(_msg: Msg) -> None:
+        async def _on_kick(msg: Msg) -> None:
+            # {"priority": "high", "seq": <stream sequence>}; a kick naming no priority
+            # (older genq) means any.
+            try:
+                kick = json.loads(msg.data)
+                prio, seq = kick.get("priority"), kick.get("seq")
+            except (ValueError, AttributeError):
+                prio = seq = None
+            if isinstance(seq, int) and seq <= self._taken_seq.get((tool, prio), 0):
+                return  # its job was handed to this bus already (consumers go in order)
+            for p in (prio,) if prio in constants.PRIORITIES else constants.PRIORITIES:
+                self._may_have_work((tool, p))
             self._kick_gen[tool] += 1
-            ev = self._kick_event[tool]
-            self._kick_event[tool] = asyncio.Event()
-            ev.set()
+            waiters = self._work_waiters.get(tool)
+            while waiters:
+                fut = waiters.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+                    break
 
         self._kick_subs[tool] = await self.nc.subscribe(constants.kick_subject(tool), cb=_on_kick)
 
