@@ -277,8 +277,17 @@ class Worker:
             return
         job = await self.store.get(d.job_id)
         if job is not None and job.status == Status.QUEUED:
+            await self._publish_anew(job, d)
+        else:
+            await d.term()
+
+    async def _publish_anew(self, job: Job, d: Any) -> None:
+        """End delivery ``d`` of a queued ``job`` and put the job out as a new message."""
+        try:
             seq = await self.bus.publish_job(self.name, job.priority.value, job.id, f"{job.id}.{job.seq}.{d.stream_seq}")
             await self.store.transition(job.id, [Status.QUEUED], stream_seq=seq)
+        except Exception:  # housekeeping's stream check republishes it once the message is gone
+            log.exception("%s: job %s could not be republished", self.name, job.id)
         await d.term()
 
     async def _sleep(self, seconds: float) -> None:
@@ -512,13 +521,7 @@ class Worker:
                 attempts=max(0, job.attempts - 1),
             )
             if back is not None and last:
-                try:
-                    seq = await self.bus.publish_job(self.name, job.priority.value, job.id,
-                                                     f"{job.id}.{job.seq}.{d.stream_seq}")
-                    await self.store.transition(job.id, [Status.QUEUED], stream_seq=seq)
-                except Exception:  # housekeeping's stream check republishes it once the message is gone
-                    log.exception("%s: job %s could not be republished on shutdown", self.name, job.id)
-                await d.term()
+                await self._publish_anew(back, d)
             else:
                 await d.nak(0)
             if back is not None:
