@@ -265,11 +265,11 @@ class SQLiteStore:
         db, self._db = self._db, None
         if self._checkpointer is not None:
             self._checkpointer.stop()
-            await asyncio.to_thread(self._checkpointer.join)
+            await _off_loop(self._checkpointer.join)  # a pass under way ends first
             self._checkpointer = None
         if db is not None:
             # The last connection to close checkpoints the WAL (an fsync): not on the loop.
-            await asyncio.to_thread(db.close)
+            await _off_loop(db.close)
 
     async def ping(self) -> None:
         try:
@@ -588,6 +588,13 @@ def _fetch(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...] | dict[str,
 
 def _script(conn: sqlite3.Connection, sql: str) -> None:
     conn.executescript(sql)
+
+
+async def _off_loop(fn: Callable[[], None]) -> None:
+    try:
+        await asyncio.to_thread(fn)
+    except RuntimeError:  # the loop's executor is shut down already (interpreter exit)
+        fn()
 
 
 def _is_busy(e: sqlite3.OperationalError) -> bool:
