@@ -118,7 +118,9 @@ def main() -> None:
         finally:
             server.stop()
     b, g = median(bare_s), median(genq_s)
-    ratio = b / g
+    # Each round's two runs are seconds apart; the machine's speed drifts between rounds
+    # (a noisy neighbour), so the ratio is taken within each round, then the median.
+    ratio = median([bs / gs for bs, gs in zip(bare_s, genq_s)])
     print(f"{a.jobs} jobs, {a.steps} steps, {a.size} px, 1 torch thread, median of {a.rounds} rounds:")
     print(f"  bare loop  {a.jobs / b:6.2f} jobs/s  ({1000 * b / a.jobs:.1f} ms/job)")
     print(f"  genq       {a.jobs / g:6.2f} jobs/s  ({1000 * g / a.jobs:.1f} ms/job; platform {1000 * (g - b) / a.jobs:+.1f} ms/job)")
@@ -127,7 +129,8 @@ def main() -> None:
         print(f"  genq per job (last round, medians): pipeline call {last['pipeline']:.1f} ms, rest of the run "
               f"{last['run_rest']:.1f} ms (inputs, PNG encode with metadata, results written, status), "
               f"gap to the next job {last['gap']:.1f} ms (ack, pull, compare-and-set)")
-    print(f"ratio genq / bare = {ratio:.3f}   target >= 0.95: {'MET' if ratio >= 0.95 else 'MISSED'}")
+    print(f"ratio genq / bare = {ratio:.3f} (median of the rounds' ratios)   target >= 0.95: "
+          f"{'MET' if ratio >= 0.95 else 'MISSED'}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ cancel, crashes and shutdown, with real child processes."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from conftest import TESTS
 from genq.tools import ToolSpec
@@ -178,9 +181,10 @@ async def test_through_the_api_a_crash_is_retried_and_genq_keeps_serving(live):
         assert (await c.get("/healthz")).status_code == 200
 
 
-def test_text_to_image_cancel_frees_the_slot_within_a_step(tmp_path):
+def test_text_to_image_in_its_process_cancels_within_a_step_and_returns_raw_images(tmp_path):
     """The issue's measure, through the child process: cancel → the slot is free within
-    one denoising step + 100 ms."""
+    one denoising step + 100 ms. And the images come back unencoded: the worker encodes
+    them (same bytes, same metadata) off the tool's process."""
     pytest.importorskip("diffusers")
     from diffusion_models import TEST_OPTIONS, text_to_image_dir
 
@@ -202,7 +206,13 @@ def test_text_to_image_cancel_frees_the_slot_within_a_step(tmp_path):
             with pytest.raises(Cancelled):
                 await t2i.arun(call({"prompt": "a cat", "steps": 150, "width": 128, "height": 128}, progress=progress,
                                     cancel=token))
-            return time.perf_counter() - steps[2], steps[2] - steps[1]
+            freed, step = time.perf_counter() - steps[2], steps[2] - steps[1]
+            result = await t2i.arun(call({"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 3}))
+            [f] = result.files
+            assert f.lazy and "data" not in vars(f) and f.image.size == (64, 64) and f.content_type == "image/png"
+            png = Image.open(io.BytesIO(f.data))
+            assert png.format == "PNG" and json.loads(png.text["genq"])["seed"] == 3 and "Steps: 2" in png.text["parameters"]
+            return freed, step
         finally:
             await t2i.aclose()
 

@@ -473,6 +473,15 @@ class Worker:
     async def _succeed(self, job: Job, d: Any, result: ToolResult, seconds: float, mine: Any) -> None:
         from genq.models import FileRef
 
+        if any(getattr(f, "lazy", False) for f in result.files):
+            # Images the tool left to encode (pipelines.ImageFile): in a thread, beside the
+            # slot's next job. A file that cannot be encoded fails the job like the tool would.
+            try:
+                await asyncio.to_thread(lambda: [f.data for f in result.files])
+            except Exception as e:
+                await self._fail(job, d, getattr(e, "code", "pipeline_error"), f"{type(e).__name__}: {e}"[:500], mine)
+                return
+
         async def write() -> Job | None:
             refs = []
             used: set[str] = set()

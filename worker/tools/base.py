@@ -100,7 +100,10 @@ class OutputFile:
 
 @dataclass
 class ToolResult:
-    files: list[OutputFile]
+    #: OutputFile, or anything with ``name``, ``content_type`` and ``data``; one with a
+    #: true ``lazy`` attribute makes its ``data`` when first read, and the worker reads it
+    #: in a thread after the tool returns (the diffusers tools' ``pipelines.ImageFile``).
+    files: list[Any]
     seed: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
 

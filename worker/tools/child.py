@@ -142,8 +142,8 @@ def serve(chan: _Channel) -> None:
             if token.cancelled:
                 chan.send({"op": "cancelled", "reason": token.reason or "cancelled"})
             else:
-                chan.send({"op": "result", "files": [(f.name, f.content_type, f.data) for f in result.files],
-                           "seed": result.seed, "metrics": result.metrics})
+                # Files as they are: an ImageFile crosses raw and is encoded by the worker.
+                chan.send({"op": "result", "files": list(result.files), "seed": result.seed, "metrics": result.metrics})
         except BaseException as e:
             chan.send(_outcome(e))
         finally:

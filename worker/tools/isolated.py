@@ -41,7 +41,7 @@ import sys
 from typing import Any
 
 from genq.tools import ToolSpec
-from genq.worker.tools.base import Cancelled, OutputFile, Retry, ToolCall, ToolError, ToolResult
+from genq.worker.tools.base import Cancelled, Retry, ToolCall, ToolError, ToolResult
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +184,7 @@ class _Child:
                     if op == "progress":
                         call.progress(*msg["args"])
                     elif op == "result":
-                        return ToolResult(files=[OutputFile(*f) for f in msg["files"]], seed=msg.get("seed"),
-                                          metrics=msg.get("metrics") or {})
+                        return ToolResult(files=msg["files"], seed=msg.get("seed"), metrics=msg.get("metrics") or {})
                     else:
                         raise _error_from(msg)
             finally:

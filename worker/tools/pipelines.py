@@ -33,12 +33,13 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from .base import CancelToken, OutputFile, ToolCall, ToolError
+from .base import CancelToken, ToolCall, ToolError
 
 log = logging.getLogger(__name__)
 
@@ -507,20 +508,45 @@ def encode_image(image: Image.Image, fmt: str, meta: dict[str, Any], prompt: str
     return buf.getvalue(), content_type, ext
 
 
+class ImageFile:
+    """A result image, encoded (PNG/WEBP/JPEG with its metadata) when ``data`` is first
+    read. The tool returns it as soon as the pipeline is done; the worker reads ``data``
+    in a thread while the slot's next job already computes, so the encode (tens of ms for
+    a megapixel PNG) is off the tool's path, and, with ``isolation: process``, off the
+    tool's process: what crosses the socket is the raw image. Same bytes either way."""
+
+    lazy = True
+
+    def __init__(self, name: str, image: Image.Image, fmt: str, meta: dict[str, Any], prompt: str = ""):
+        if fmt not in FORMATS:
+            raise ToolError(f"output_format must be png, webp or jpeg, not {fmt!r}", code="invalid_input")
+        self.name = name
+        self.content_type = FORMATS[fmt][1]
+        self.image, self.fmt, self.meta, self.prompt = image, fmt, meta, prompt
+
+    @cached_property
+    def data(self) -> bytes:
+        return encode_image(self.image, self.fmt, self.meta, self.prompt)[0]
+
+    def __repr__(self) -> str:
+        return f"ImageFile({self.name!r}, {self.content_type!r}, {self.image.size})"
+
+
 def output_files(
     images: list[Image.Image], fmt: str, metas: list[dict[str, Any]], prompt: str, stem: str = "image", numbered: bool = True
-) -> list[OutputFile]:
-    """Encoded results named ``<stem>-1.png`` … (or ``<stem>.png`` when not ``numbered``)."""
-    files = []
-    for i, (im, meta) in enumerate(zip(images, metas, strict=True), start=1):
-        data, content_type, ext = encode_image(im, fmt, meta, prompt)
-        name = f"{stem}-{i}.{ext}" if numbered else f"{stem}.{ext}"
-        files.append(OutputFile(name, content_type, data))
-    return files
+) -> list[ImageFile]:
+    """Results named ``<stem>-1.png`` … (or ``<stem>.png`` when not ``numbered``), encoded
+    when first read (:class:`ImageFile`)."""
+    fmt = fmt or "png"
+    ext = FORMATS[fmt][2] if fmt in FORMATS else fmt
+    return [
+        ImageFile(f"{stem}-{i}.{ext}" if numbered else f"{stem}.{ext}", im, fmt, meta, prompt)
+        for i, (im, meta) in enumerate(zip(images, metas, strict=True), start=1)
+    ]
 
 
 __all__ = [
-    "Adapters", "FORMATS", "LOAD_LOCK", "LoraRef", "Runtime", "SAMPLERS", "Schedulers", "StepReporter",
+    "Adapters", "FORMATS", "ImageFile", "LOAD_LOCK", "LoraRef", "Runtime", "SAMPLERS", "Schedulers", "StepReporter",
     "accepted_kwargs", "acquire", "cancel_scope", "decode_image", "encode_image", "generators",
     "install_cancel_hooks", "load_pipeline", "lora_ref", "output_files", "resolve_model", "seed_for",
 ]
