@@ -88,12 +88,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_rev ON jobs(rev);
 CREATE INDEX IF NOT EXISTS jobs_seq ON jobs(seq);
 CREATE INDEX IF NOT EXISTS jobs_owner_id ON jobs(owner, id);
-CREATE INDEX IF NOT EXISTS jobs_tool_status ON jobs(tool, status);
 CREATE INDEX IF NOT EXISTS jobs_owner_status ON jobs(owner, status);
 CREATE INDEX IF NOT EXISTS jobs_expires ON jobs(expires_at) WHERE expires_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_status_hb ON jobs(status, heartbeat_at);
 CREATE INDEX IF NOT EXISTS jobs_done ON jobs(tool, status, completed_at);
 CREATE INDEX IF NOT EXISTS jobs_unpublished ON jobs(created_at) WHERE status = 'queued' AND stream_seq IS NULL;
+-- A prefix of jobs_done (kept by databases made before it went): one index less to write.
+DROP INDEX IF EXISTS jobs_tool_status;
 CREATE TABLE IF NOT EXISTS keys (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -495,7 +496,10 @@ class SQLiteStore:
             UNION
             SELECT * FROM jobs WHERE status = 'running' AND (deadline_at <= :now OR heartbeat_at < :hb)
             UNION
-            SELECT * FROM jobs WHERE status = 'queued' AND stream_seq IS NULL AND created_at < :unpub
+            -- Left to itself the planner walks every queued job (jobs_status_hb): 3 ms a
+            -- pass under a 20,000-job backlog; the partial index holds only the unpublished.
+            SELECT * FROM jobs INDEXED BY jobs_unpublished
+            WHERE status = 'queued' AND stream_seq IS NULL AND created_at < :unpub
             LIMIT :limit
             """,
             {"now": now, "hb": heartbeat_before, "unpub": unpublished_before, "limit": limit},
