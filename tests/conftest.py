@@ -35,6 +35,7 @@ ECHO_PARAMS = {
         "text": {"type": "string", "maxLength": 100},
         "seed": {"type": "integer", "minimum": 0, "maximum": 4294967295},
         "sleep": {"type": "number", "minimum": 0, "maximum": 60},
+        "tail": {"type": "number", "minimum": 0, "maximum": 60},
         "fail_times": {"type": "integer", "minimum": 0, "maximum": 10},
         "crash_once": {"type": "boolean"},
         "bad": {"type": "boolean"},

@@ -25,7 +25,8 @@ def _png(seed: int, size: int = 16) -> bytes:
 def echo(params, inputs, progress, cancel):
     """Returns a PNG made from the seed, and a JSON of what it got. ``sleep`` seconds of
     work in 20 steps (cancellable); ``fail_times``: fail the first N attempts (state in
-    ``GENQ_TEST_STATE``); ``crash_once``: kill this process on the first attempt; ``pad_mb``:
+    ``GENQ_TEST_STATE``); ``crash_once``: kill this process on the first attempt; ``tail``: seconds of work
+    after the last step; ``pad_mb``:
     one more result file of that many MiB (slow to write)."""
     seed = params.get("seed", 0)
     state = Path(os.environ.get("GENQ_TEST_STATE", "/tmp")) / f"echo-{params.get('text', '')}"
@@ -44,6 +45,8 @@ def echo(params, inputs, progress, cancel):
             if cancel.wait(sleep / steps):
                 cancel.raise_if_cancelled()
         progress((i + 1) / steps, i + 1, steps)
+    if params.get("tail"):  # work after the last step (a VAE decode)
+        cancel.wait(float(params["tail"]))
     if params.get("bad"):
         raise ToolError("this input cannot be processed", code="invalid_request")
     meta = {"params": params, "inputs": [[f.name, f.content_type, len(f.data)] for f in inputs]}

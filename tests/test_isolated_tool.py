@@ -131,6 +131,10 @@ async def test_a_crash_fails_the_attempt_not_the_worker(echo):
     assert (await echo.arun(call({"crash_once": True, "text": "c"}))).files  # the retry, in a new process
     victim = echo.pids[0]
     os.kill(victim, signal.SIGKILL)  # killed while idle (the OOM killer): the next job still runs
+    deadline = time.monotonic() + 5
+    while victim in echo.pids:  # the worker notices the socket close
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
     for i in range(3):
         assert (await echo.arun(call({"text": f"k{i}"}, job_id=f"k{i}"))).files
     assert victim not in echo.pids
@@ -219,3 +223,30 @@ def test_text_to_image_in_its_process_cancels_within_a_step_and_returns_raw_imag
     freed, step = asyncio.run(main())
     print(f"cancel to free: {freed * 1000:.1f} ms; one step: {step * 1000:.1f} ms")
     assert freed <= step + 0.1, f"cancel took {freed * 1000:.0f} ms; a step takes {step * 1000:.0f} ms"
+
+
+@pytest.mark.genq(tools={"echo": {"options": {"isolation": "process"}, "maxWorkers": 1}})
+async def test_the_next_job_goes_to_the_process_during_the_last_ones_final_phase(live):
+    """Once a job reports its last step, its slot sends the next job to the same process,
+    which starts it the moment the last one ends: no round trip through the worker's loop
+    between two jobs. The next job is ``running`` from then on."""
+    from test_api_flows import poll
+
+    async with live.client() as c:
+        a = (await c.post("/v1/jobs", json={"tool": "echo", "params": {"sleep": 0.2, "tail": 1.5, "text": "a"}})).json()["id"]
+        b = (await c.post("/v1/jobs", json={"tool": "echo", "params": {"text": "b"}})).json()["id"]
+        deadline = time.monotonic() + 20
+        while (await c.get(f"/v1/jobs/{b}")).json()["status"] != "running":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        assert (await c.get(f"/v1/jobs/{a}")).json()["status"] == "running"  # in its final phase
+        ja, jb = await poll(c, a), await poll(c, b)
+    assert ja["status"] == jb["status"] == "succeeded"
+    assert ts(jb["started_at"]) < ts(ja["completed_at"]) - 0.5
+    assert ts(jb["completed_at"]) >= ts(ja["started_at"]) + 1.5  # it ran after a, in the same process
+
+
+def ts(v: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()

@@ -25,7 +25,7 @@ import re
 import secrets
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from genq import constants
@@ -69,6 +69,8 @@ class _Running:
     token: CancelToken
     slot: int | None = None
     last_progress_write: float = 0.0
+    #: Set when the tool reports its last step done (what is left: decode and output).
+    last_step: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Worker:
@@ -105,6 +107,8 @@ class Worker:
         self._idle_slots = 0
         #: Per slot: the pull of its next job, started during the running job's last step.
         self._prefetch: dict[int, asyncio.Future[Any]] = {}
+        #: Attempts past their last step whose slot already moved on (see ``_run``).
+        self._tails: set[asyncio.Task[None]] = set()
         self.loaded = asyncio.Event()
         self._warm_until = 0.0
 
@@ -143,6 +147,8 @@ class Worker:
                 await asyncio.wait(pending, timeout=10)
                 for t in pending:
                     t.cancel()
+        if self._tails:
+            await asyncio.wait(set(self._tails), timeout=10)
         for index in list(self._prefetch):
             with contextlib.suppress(Exception):
                 await self._hand_back(index)
@@ -355,12 +361,39 @@ class Worker:
         return lambda j: j.attempts == attempt and j.worker == self.id
 
     async def _run(self, job: Job, d: Any, slot: int | None = None) -> None:
-        token = CancelToken()
-        running = _Running(job=job, token=token, slot=slot)
+        running = _Running(job=job, token=CancelToken(), slot=slot)
         self._running[job.id] = running
+        attempt = asyncio.ensure_future(self._attempt(job, d, running))
+        if slot is None or not getattr(self.tool, "queues_runs", False) or len(self._tails) >= self.slots:
+            await attempt
+            return
+        released = asyncio.ensure_future(running.last_step.wait())
+        try:
+            await asyncio.wait({attempt, released}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            attempt.cancel()
+            raise
+        finally:
+            released.cancel()
+        if attempt.done():
+            attempt.result()
+            return
+        # The tool is past its last step and takes the slot's next job behind this one (a
+        # tool in its own process: it starts the moment this one ends, with no round trip
+        # through this loop in between). The slot moves on; this attempt ends here.
+        self._tails.add(attempt)
+        attempt.add_done_callback(self._tail_done)
+
+    def _tail_done(self, task: asyncio.Task[None]) -> None:
+        self._tails.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: a job could not be processed; it will be redelivered", self.name, exc_info=task.exception())
+
+    async def _attempt(self, job: Job, d: Any, running: _Running) -> None:
+        token = running.token
         loop = asyncio.get_running_loop()
         mine = self._mine(job.attempts)
-        heartbeat = asyncio.create_task(self._heartbeat(job, d, mine, slot))
+        heartbeat = asyncio.create_task(self._heartbeat(job, d, mine, running.slot))
         deadline = None
         if job.deadline_seconds:
             remaining = job.started_at + job.deadline_seconds - time.time()
@@ -453,6 +486,8 @@ class Worker:
         job = running.job
         if running.slot is not None and steps and step is not None and step >= steps - 1:
             self._prefetch_next(running.slot)
+            if step >= steps:
+                running.last_step.set()
         asyncio.ensure_future(
             self.bus.publish(
                 constants.events_subject(job.id),

@@ -1,9 +1,12 @@
 """The child side of :mod:`genq.worker.tools.isolated`: ``python -P -m genq.worker.tools.child FD``.
 
 Builds the tool from the ToolSpec the worker sends (in-process, ``isolation: thread``),
-then serves ``load`` and ``run`` on its main thread, one at a time. A reader thread takes
-the worker's frames: a ``cancel`` sets the running job's token at once (the pipeline stops
-at its next step), the rest queue for the main thread. When the worker's end of the socket
+then serves ``load`` and ``run`` on its main thread, one at a time, in the order they
+came: the worker may send a slot's next job while the last one finishes, and it starts
+the moment that one ends. Every reply names what it answers (``ref``: the job id, or the
+load's). A reader thread takes the worker's frames: a ``cancel`` sets that job's token at
+once (running, the pipeline stops at its next step; queued, it never starts), the rest
+queue for the main thread. When the worker's end of the socket
 closes (the worker exited, or was killed) the child exits too.
 """
 
@@ -116,21 +119,23 @@ def serve(chan: _Channel) -> None:
         if item is None:
             return
         msg, token = item
+        ref = msg.get("ref")
         if msg["op"] == "load":
             t0 = time.perf_counter()
             try:
                 tool.load(msg.get("variant"))
             except BaseException as e:
-                chan.send(_outcome(e))
+                chan.send({**_outcome(e), "ref": ref})
             else:
-                chan.send({"op": "loaded", "seconds": time.perf_counter() - t0})
+                chan.send({"op": "loaded", "ref": ref, "seconds": time.perf_counter() - t0})
             continue
         if msg["op"] != "run":
-            chan.send({"op": "error", "type": "ProtocolError", "message": f"unknown op {msg['op']!r}"})
+            chan.send({"op": "error", "ref": ref, "type": "ProtocolError", "message": f"unknown op {msg['op']!r}"})
             continue
+        ref = msg["job_id"]
 
-        def progress(fraction: float, step: int | None = None, steps: int | None = None) -> None:
-            chan.send({"op": "progress", "args": (float(fraction), step, steps)})
+        def progress(fraction: float, step: int | None = None, steps: int | None = None, ref: str = ref) -> None:
+            chan.send({"op": "progress", "ref": ref, "args": (float(fraction), step, steps)})
 
         call = ToolCall(
             job_id=msg["job_id"], variant=msg["variant"], params=msg["params"],
@@ -140,12 +145,13 @@ def serve(chan: _Channel) -> None:
             token.raise_if_cancelled()
             result = asyncio.run(arun(call)) if arun is not None else tool.run(call)
             if token.cancelled:
-                chan.send({"op": "cancelled", "reason": token.reason or "cancelled"})
+                chan.send({"op": "cancelled", "ref": ref, "reason": token.reason or "cancelled"})
             else:
                 # Files as they are: an ImageFile crosses raw and is encoded by the worker.
-                chan.send({"op": "result", "files": list(result.files), "seed": result.seed, "metrics": result.metrics})
+                chan.send({"op": "result", "ref": ref, "files": list(result.files), "seed": result.seed,
+                           "metrics": result.metrics})
         except BaseException as e:
-            chan.send(_outcome(e))
+            chan.send({**_outcome(e), "ref": ref})
         finally:
             with tokens_lock:
                 tokens.pop(msg["job_id"], None)

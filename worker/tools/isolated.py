@@ -65,8 +65,22 @@ def frame(obj: Any) -> bytes:
     return HEADER.pack(len(data)) + data
 
 
+def last_step(step: int | None, steps: int | None) -> bool:
+    """A progress report saying the tool's last step is done (decode and output left)."""
+    return bool(steps) and step is not None and step >= steps
+
+
+class _Pending:
+    __slots__ = ("call", "future")
+
+    def __init__(self, call: ToolCall | None, future: asyncio.Future[dict[str, Any]]):
+        self.call = call
+        self.future = future
+
+
 class _Child:
-    """One child process and the socket to it; runs one job at a time."""
+    """One child process and the socket to it. The child runs what it is sent in order;
+    one task here reads its replies and routes each by ``ref`` (a job id, or a load's)."""
 
     def __init__(self, owner: ProcessTool, index: int):
         self.owner = owner
@@ -74,8 +88,15 @@ class _Child:
         self.proc: subprocess.Popen[bytes] | None = None
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
-        self.lock = asyncio.Lock()
-        self.job_id: str | None = None
+        self._read_task: asyncio.Task[None] | None = None
+        self._start_lock = asyncio.Lock()
+        #: What the child was sent and has not answered, in the order it runs them.
+        self.pending: dict[str, _Pending] = {}
+        #: Jobs given to this child by ``ProcessTool.arun`` and not yet returned.
+        self.assigned = 0
+        #: The job the child is on has reported its last step.
+        self.finishing = False
+        self._loads = 0
         self._kill: asyncio.TimerHandle | None = None
 
     @property
@@ -86,6 +107,10 @@ class _Child:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None and self.writer is not None
 
+    @property
+    def current(self) -> str | None:
+        return next(iter(self.pending), None)
+
     async def _send(self, msg: dict[str, Any]) -> None:
         assert self.writer is not None
         self.writer.write(frame(msg))
@@ -95,6 +120,11 @@ class _Child:
         assert self.reader is not None
         (n,) = HEADER.unpack(await self.reader.readexactly(HEADER.size))
         return pickle.loads(await self.reader.readexactly(n))
+
+    async def ensure(self) -> None:
+        async with self._start_lock:
+            if not self.alive:
+                await self._start()
 
     async def _start(self) -> None:
         await self._reap()
@@ -122,13 +152,44 @@ class _Child:
         if reply.get("op") != "ready":
             await self._reap()
             raise _error_from(reply)
+        self._read_task = asyncio.create_task(self._read(), name=f"{self.owner.spec.name}-tool{self.index}-read")
         log.info("%s: slot %d runs in process %d", self.owner.spec.name, self.index, self.proc.pid)
 
-    async def _reap(self) -> int | None:
+    async def _read(self) -> None:
+        try:
+            while True:
+                msg = await self._recv()
+                entry = self.pending.get(msg.get("ref"))
+                if entry is None:
+                    continue
+                if msg.get("op") == "progress":
+                    if last_step(*msg["args"][1:]):
+                        self.finishing = True
+                        self.owner.notify()
+                    if entry.call is not None:
+                        entry.call.progress(*msg["args"])
+                    continue
+                del self.pending[msg["ref"]]
+                self.finishing = False
+                self._stop_kill_timer()
+                if not entry.future.done():
+                    entry.future.set_result(msg)
+                self.owner.notify()
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            code = await self._reap(from_reader=True)
+            for entry in self.pending.values():
+                if not entry.future.done():
+                    entry.future.set_result({"op": "exited", "code": code})
+            self.pending.clear()
+            self.finishing = False
+            self.owner.notify()
+
+    async def _reap(self, from_reader: bool = False) -> int | None:
         """Close the socket and make sure the process is gone; its exit code."""
-        if self._kill is not None:
-            self._kill.cancel()
-            self._kill = None
+        self._stop_kill_timer()
+        if self._read_task is not None and not from_reader:
+            self._read_task.cancel()
+        self._read_task = None
         if self.writer is not None:
             self.writer.close()
             with contextlib.suppress(Exception):
@@ -141,84 +202,80 @@ class _Child:
             proc.kill()
         return await asyncio.to_thread(proc.wait)
 
-    async def ensure(self) -> None:
-        if not self.alive:
-            await self._start()
+    async def _ask(self, ref: str, msg: dict[str, Any], call: ToolCall | None) -> dict[str, Any]:
+        await self.ensure()
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending[ref] = _Pending(call, future)
+        try:
+            await self._send(msg)
+        except (ConnectionError, OSError):
+            pass  # the reader sees the end too and answers ``exited``
+        try:
+            return await future
+        finally:
+            self.pending.pop(ref, None)
 
     async def load(self, variant: str) -> None:
-        async with self.lock:
-            await self.ensure()
-            await self._send({"op": "load", "variant": variant})
-            try:
-                reply = await self._recv()
-            except (asyncio.IncompleteReadError, ConnectionError) as e:
-                code = await self._reap()
-                raise ToolError(f"the tool's process exited (code {code}) while loading {variant!r}",
-                                retryable=True) from e
-            if reply.get("op") != "loaded":
-                raise _error_from(reply)
+        self._loads += 1
+        ref = f"load-{self._loads}"
+        reply = await self._ask(ref, {"op": "load", "ref": ref, "variant": variant}, None)
+        if reply.get("op") == "exited":
+            raise ToolError(f"the tool's process exited (code {reply.get('code')}) while loading {variant!r}",
+                            retryable=True)
+        if reply.get("op") != "loaded":
+            raise _error_from(reply)
 
     async def run(self, call: ToolCall) -> ToolResult:
-        async with self.lock:
-            await self.ensure()
-            loop = asyncio.get_running_loop()
-            self.job_id = call.job_id
-            call.cancel.on_cancel(lambda reason: loop.call_soon_threadsafe(self._cancel, call.job_id, reason))
-            try:
-                await self._send({
-                    "op": "run", "job_id": call.job_id, "variant": call.variant, "params": call.params,
-                    "seed": call.seed, "inputs": [(f.name, f.content_type, f.data) for f in call.inputs],
-                })
-                while True:
-                    try:
-                        msg = await self._recv()
-                    except (asyncio.IncompleteReadError, ConnectionError) as e:
-                        code = await self._reap()
-                        if call.cancel.cancelled:
-                            raise Cancelled(call.cancel.reason or "cancelled") from e
-                        raise ToolError(
-                            f"the tool's process exited (code {code}) while running the job "
-                            "(a crash, or killed: out of memory?)", retryable=True,
-                        ) from e
-                    op = msg.get("op")
-                    if op == "progress":
-                        call.progress(*msg["args"])
-                    elif op == "result":
-                        return ToolResult(files=msg["files"], seed=msg.get("seed"), metrics=msg.get("metrics") or {})
-                    else:
-                        raise _error_from(msg)
-            finally:
-                self.job_id = None
-                if self._kill is not None:
-                    self._kill.cancel()
-                    self._kill = None
+        loop = asyncio.get_running_loop()
+        call.cancel.on_cancel(lambda reason: loop.call_soon_threadsafe(self._cancel, call.job_id, reason))
+        reply = await self._ask(call.job_id, {
+            "op": "run", "job_id": call.job_id, "variant": call.variant, "params": call.params,
+            "seed": call.seed, "inputs": [(f.name, f.content_type, f.data) for f in call.inputs],
+        }, call)
+        op = reply.get("op")
+        if op == "result":
+            return ToolResult(files=reply["files"], seed=reply.get("seed"), metrics=reply.get("metrics") or {})
+        if op == "exited":
+            if call.cancel.cancelled:
+                raise Cancelled(call.cancel.reason or "cancelled")
+            raise ToolError(f"the tool's process exited (code {reply.get('code')}) while running the job "
+                            "(a crash, or killed: out of memory?)", retryable=True)
+        raise _error_from(reply)
 
     def _cancel(self, job_id: str, reason: str) -> None:
-        """On the loop: tell the child, and kill it if the tool has not stopped within
-        the grace period (it ignores its token, or is stuck in one long native call)."""
-        if self.job_id != job_id or self.writer is None or self.writer.is_closing():
+        """On the loop: tell the child; if the job is the one running, kill the child
+        should the tool not stop within the grace period (it ignores its token, or is
+        stuck in one long native call)."""
+        if job_id not in self.pending or self.writer is None or self.writer.is_closing():
             return
         self.writer.write(frame({"op": "cancel", "job_id": job_id, "reason": reason}))
-        if self._kill is None:
+        if self.current == job_id and self._kill is None:
             self._kill = asyncio.get_running_loop().call_later(self.owner.cancel_grace, self._force_stop, job_id)
+
+    def _stop_kill_timer(self) -> None:
+        if self._kill is not None:
+            self._kill.cancel()
+            self._kill = None
 
     def _force_stop(self, job_id: str) -> None:
         self._kill = None
-        if self.job_id == job_id and self.proc is not None and self.proc.poll() is None:
+        if self.current == job_id and self.proc is not None and self.proc.poll() is None:
             log.warning("%s: job %s ignored its cancel for %.0fs; killing its process %d",
                         self.owner.spec.name, job_id, self.owner.cancel_grace, self.proc.pid)
             self.proc.kill()
 
     async def stop(self, timeout: float = 5.0) -> None:
-        async with contextlib.AsyncExitStack() as stack:
-            if not self.lock.locked():  # a job still running is ended by the kill below
-                await stack.enter_async_context(self.lock)
-            if self.alive:
-                with contextlib.suppress(Exception):
-                    await self._send({"op": "stop"})
-                    proc = self.proc
-                    await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
-            await self._reap()
+        """Ask the child to exit after what it was sent; kill it after ``timeout``."""
+        if self.alive:
+            with contextlib.suppress(Exception):
+                await self._send({"op": "stop"})
+                proc = self.proc
+                await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
+        await self._reap()
+        for entry in self.pending.values():
+            if not entry.future.done():
+                entry.future.set_result({"op": "exited", "code": None})
+        self.pending.clear()
 
 
 def _error_from(msg: dict[str, Any]) -> Exception:
@@ -239,26 +296,34 @@ def _error_from(msg: dict[str, Any]) -> Exception:
 class ProcessTool:
     """A tool whose ``load``/``run`` happen in child processes, one per slot."""
 
+    #: A slot may send its next job while the last one is in its final phase (decode,
+    #: output): the child starts it the moment the last one ends (see the worker).
+    queues_runs = True
+
     def __init__(self, spec: ToolSpec, slots: int = 1):
         self.spec = spec
         self.cancel_grace = float(spec.options.get("cancelGraceSeconds", DEFAULT_CANCEL_GRACE_SECONDS))
         self._children = [_Child(self, i) for i in range(max(1, slots))]
-        self._free: asyncio.Queue[_Child] | None = None
+        self._changed: asyncio.Event | None = None
 
     @property
     def pids(self) -> list[int]:
         return [c.pid for c in self._children if c.alive and c.pid is not None]
 
-    def _queue(self) -> asyncio.Queue[_Child]:
-        if self._free is None:
-            self._free = asyncio.Queue()
-            for c in self._children:
-                self._free.put_nowait(c)
-        return self._free
+    def notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    def _pick(self) -> _Child | None:
+        """An idle child; else one whose only job is in its last step."""
+        idle = [c for c in self._children if c.assigned == 0]
+        if idle:
+            return idle[0]
+        return next((c for c in self._children if c.assigned == 1 and c.finishing), None)
 
     async def aload(self, variant: str | None = None) -> None:
         """Start every slot's process and load ``variant`` in each (at start, and on
-        ``warm``); a slot busy with a job loads after it."""
+        ``warm``); a process busy with a job loads after it."""
         variant = variant or self.spec.default_variant
         results = await asyncio.gather(*(c.load(variant) for c in self._children), return_exceptions=True)
         for r in results:
@@ -266,12 +331,16 @@ class ProcessTool:
                 raise r
 
     async def arun(self, call: ToolCall) -> ToolResult:
-        free = self._queue()
-        child = await free.get()
+        while (child := self._pick()) is None:
+            self._changed = self._changed or asyncio.Event()
+            self._changed.clear()
+            await self._changed.wait()
+        child.assigned += 1
         try:
             return await child.run(call)
         finally:
-            free.put_nowait(child)
+            child.assigned -= 1
+            self.notify()
 
     async def aclose(self) -> None:
         await asyncio.gather(*(c.stop() for c in self._children), return_exceptions=True)
