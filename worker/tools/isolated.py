@@ -204,8 +204,15 @@ class _Child:
 
     async def _ask(self, ref: str, msg: dict[str, Any], call: ToolCall | None) -> dict[str, Any]:
         await self.ensure()
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        # From here to the send, nothing awaits: a cancel either came before (raised
+        # here) or finds the job pending and reaches the child.
+        if call is not None:
+            call.cancel.raise_if_cancelled()
         self.pending[ref] = _Pending(call, future)
+        if call is not None:
+            call.cancel.on_cancel(lambda reason: loop.call_soon_threadsafe(self._cancel, ref, reason))
         try:
             await self._send(msg)
         except (ConnectionError, OSError):
@@ -226,8 +233,6 @@ class _Child:
             raise _error_from(reply)
 
     async def run(self, call: ToolCall) -> ToolResult:
-        loop = asyncio.get_running_loop()
-        call.cancel.on_cancel(lambda reason: loop.call_soon_threadsafe(self._cancel, call.job_id, reason))
         reply = await self._ask(call.job_id, {
             "op": "run", "job_id": call.job_id, "variant": call.variant, "params": call.params,
             "seed": call.seed, "inputs": [(f.name, f.content_type, f.data) for f in call.inputs],
