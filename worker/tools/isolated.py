@@ -19,10 +19,16 @@ The cost: each slot loads its own copy of the model (``concurrencyPerWorker: 2``
 the weights twice), and inputs and results cross a local socket (a few ms for a 10 MB
 PNG). Use ``isolation: thread`` to share one model between a worker's slots.
 
+Between two jobs: once a job reports its last step (only the decode is left), its slot
+sends the next job to the same child, which starts it the moment the last one ends; the
+results cross raw (``pipelines.ImageFile``) and the worker encodes them beside the next
+job's compute.
+
 Protocol: length-prefixed pickle frames over a socketpair; the parent speaks first
 (``init`` with the ToolSpec), then ``load``/``run``/``cancel``/``stop``; the child answers
-``ready``, ``loaded``, ``progress``… and one terminal frame per run. Both ends are genq's
-own code, so pickle is fine. The child is :mod:`genq.worker.tools.child`.
+``ready``, then ``loaded``, ``progress``… and one terminal frame per run, each naming the
+job (or load) it answers, in the order it ran them. Both ends are genq's own code, so
+pickle is fine. The child is :mod:`genq.worker.tools.child`.
 
 Neighbours: built by :func:`genq.worker.tools.build_tool`; the worker calls ``aload``,
 ``arun`` and ``aclose`` (it prefers them to the in-process ``load``/``run``).
