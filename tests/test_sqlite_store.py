@@ -289,3 +289,23 @@ async def test_a_closed_store_is_unavailable(tmp_path):
         assert json.loads(json.dumps(job.params)) == (await again.get(job.id)).params
     finally:
         await again.close()
+
+
+async def test_a_file_made_before_an_index_went_opens_without_it(tmp_path):
+    """Existing databases open as they are; the index dropped from the schema (a prefix of
+    another, only costing writes) goes from them too."""
+    first = SQLiteStore(tmp_path / "genq.db")
+    await first.open()
+    job = await first.create(new_job())
+    await first.close()
+    with sqlite3.connect(tmp_path / "genq.db") as db:
+        db.execute("CREATE INDEX jobs_tool_status ON jobs(tool, status)")
+    db.close()
+    again = SQLiteStore(tmp_path / "genq.db")
+    await again.open()
+    try:
+        names = {r[0] for r in await again._rows("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "jobs_tool_status" not in names and "jobs_done" in names
+        assert await again.get(job.id) == job and (await again.counts("t")).queued == 1
+    finally:
+        await again.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import itertools
 import json
 import logging
@@ -149,6 +150,10 @@ def _encode_data(job: Job) -> str:
     )
 
 
+_STATUSES = {s.value: s for s in Status}
+_PRIORITIES = {p.value: p for p in Priority}
+
+
 def _row_to_job(row: sqlite3.Row) -> Job:
     data = json.loads(row["data"])
     return Job(
@@ -156,8 +161,8 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         owner=row["owner"],
         tool=row["tool"],
         variant=row["variant"],
-        priority=Priority(row["priority"]),
-        status=Status(row["status"]),
+        priority=_PRIORITIES[row["priority"]],
+        status=_STATUSES[row["status"]],
         seq=row["seq"],
         version=row["version"],
         created_at=row["created_at"],
@@ -362,7 +367,7 @@ class SQLiteStore:
                 (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), 1,
                 (SELECT COALESCE(MAX(rev), 0) + 1 FROM jobs),
                 ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-            RETURNING *
+            RETURNING seq
             """,
             (
                 job.id, job.owner, job.tool, job.variant, job.priority.value, job.priority.rank,
@@ -371,7 +376,8 @@ class SQLiteStore:
                 job.seed, job.worker, _encode_data(job),
             ),
         )
-        return self._note(_row_to_job(rows[0]))
+        # The row is the job as given plus what the INSERT assigned: no need to read it back.
+        return self._note(job.evolve(seq=rows[0][0], version=1))
 
     async def get(self, job_id: str, *, fresh: bool = False) -> Job | None:
         rows = await self._rows("SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -576,12 +582,36 @@ class SQLiteStore:
         return _row_to_key(rows[0]) if rows else None
 
 
-_CAS_SETS = ", ".join([
-    "variant = ?", "status = ?", "started_at = ?", "completed_at = ?", "expires_at = ?",
-    "heartbeat_at = ?", "deadline_at = ?", "stream_seq = ?", "attempts = ?", "progress = ?",
-    "seed = ?", "worker = ?", "data = ?", "priority = ?", "prank = ?",
-    "version = version + 1", "rev = (SELECT MAX(rev) + 1 FROM jobs)",
-])
+#: What a change of each updatable field writes: (column, value of the new job) pairs;
+#: every field kept in the JSON blob rewrites ``data``.
+_CAS_COLUMNS: dict[str, tuple[tuple[str, Callable[[Job], Any]], ...]] = {
+    **{f: ((f, lambda j, f=f: getattr(j, f)),) for f in _UPDATABLE if f not in _DATA_FIELDS},
+    **{f: (("data", _encode_data),) for f in _DATA_FIELDS},
+    "status": (("status", lambda j: j.status.value), ("deadline_at", _deadline_at)),
+    "started_at": (("started_at", lambda j: j.started_at), ("deadline_at", _deadline_at)),
+    "deadline_seconds": (("data", _encode_data), ("deadline_at", _deadline_at)),
+    "priority": (("priority", lambda j: j.priority.value), ("prank", lambda j: j.priority.rank)),
+}
+
+
+def _cas_sets(changes: dict[str, Any], requeue: bool) -> tuple[str, tuple[tuple[str, Callable[[Job], Any]], ...]]:
+    """The SET clause of a compare-and-set changing ``changes``' fields, and how to get
+    each ``?``'s value from the new job. Same fields, same text: SQLite's statement cache
+    keeps the few shapes the callers use compiled."""
+    return _cas_sets_for(tuple(sorted(changes)), requeue)
+
+
+@functools.lru_cache(maxsize=256)
+def _cas_sets_for(fields: tuple[str, ...], requeue: bool) -> tuple[str, tuple[tuple[str, Callable[[Job], Any]], ...]]:
+    cols: dict[str, Callable[[Job], Any]] = {}
+    for field in fields:
+        for col, get in _CAS_COLUMNS[field]:
+            cols[col] = get
+    sets = [f"{col} = ?" for col in cols]
+    sets += ["version = version + 1", "rev = (SELECT MAX(rev) + 1 FROM jobs)"]
+    if requeue:
+        sets.append("seq = (SELECT MAX(seq) + 1 FROM jobs)")
+    return ", ".join(sets), tuple(cols.items())
 
 
 def _fetch(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...] | dict[str, Any]) -> list[sqlite3.Row]:
@@ -672,18 +702,20 @@ def _cas(
         current = _row_to_job(rows[0])
         if not cas_allows(current, expect, version, guard):
             return None
-        new = current.evolve(**changes)
-        args = (
-            new.variant, new.status.value, new.started_at, new.completed_at, new.expires_at,
-            new.heartbeat_at, _deadline_at(new), new.stream_seq, new.attempts, new.progress,
-            new.seed, new.worker, _encode_data(new), new.priority.value, new.priority.rank,
+        # The row after the write is the one read with ``changes`` applied and the version
+        # bumped (``WHERE version = ?`` makes that so): built here, not read back and parsed.
+        new = current.evolve(**changes, version=current.version + 1)
+        sets, getters = _cas_sets(changes, requeue)
+        cur = conn.execute(
+            f"UPDATE jobs SET {sets} WHERE id = ? AND version = ?{' RETURNING seq' if requeue else ''}",
+            (*(get(new) for _, get in getters), job_id, current.version),
         )
-        sets = _CAS_SETS + (", seq = (SELECT MAX(seq) + 1 FROM jobs)" if requeue else "")
-        written = conn.execute(
-            f"UPDATE jobs SET {sets} WHERE id = ? AND version = ? RETURNING *", (*args, job_id, current.version)
-        ).fetchall()
-        if written:
-            return _row_to_job(written[0])
+        if requeue:
+            written = cur.fetchall()
+            if written:
+                return new.evolve(seq=written[0][0])
+        elif cur.rowcount == 1:  # an UPDATE without RETURNING runs to its end (and commits) in execute
+            return new
         if version is not None:
             return None
     return None
