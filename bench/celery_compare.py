@@ -253,7 +253,8 @@ def genq_records(data_dir: Path, sent: dict[str, float]) -> list[dict[str, Any]]
 
 def run_genq(work: Path, args: argparse.Namespace, rnd: int, split: bool) -> dict[str, Any]:
     name = f"genq{'-split' if split else ''}-r{rnd}"
-    config = {"tools": [python_tool(TOOL, "benchtools:stamp", maxWorkers=args.concurrency)]}
+    config = {"tools": [python_tool(TOOL, "benchtools:stamp", maxWorkers=args.concurrency,
+                                    options={"isolation": args.isolation})]}
     srv = start_genq(work, config, name=name, stop_workers=TOOL if split else "",
                      profile=args.profile if (args.profile and not split) else None)
     procs = [srv.pid]
@@ -370,6 +371,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--redis", default="default,everysec,always", help="Redis durability modes for Celery, in order")
     p.add_argument("--split", action="store_true", help="also run genq with its worker in a separate process")
+    p.add_argument("--isolation", choices=["thread", "process"], default="thread",
+                   help="genq: where the tool runs (options.isolation; process = a child process per slot, "
+                        "as Celery's prefork pool)")
     p.add_argument("--only", choices=["genq", "celery"], help="run one side only (profiling)")
     p.add_argument("--profile", type=Path, help="profile the genq server with pyinstrument; text to this file")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, data)")
