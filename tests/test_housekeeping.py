@@ -53,6 +53,24 @@ async def test_stored_but_unpublished_job_is_republished(live):
         assert done["status"] == "succeeded" and done["result"]["seed"] == 7 and done["attempts"] == 1
 
 
+async def test_published_job_whose_position_was_never_written_runs_once(live):
+    """The API writes a job's stream position a moment after the publish (batched with
+    other submits'). A crash in between leaves a published job that reads as unpublished:
+    housekeeping's republish carries the submit's message id, so JetStream keeps the one
+    message and answers with its position, and the job runs once."""
+    from genq.api.service import _msg_id
+
+    rt = live.emb.rt
+    job = await rt.store.create(Job(id=str(ULID()), owner="admin", tool="echo", variant="default",
+                                    priority=Priority.NORMAL, params={"text": "crash", "seed": 5}, seed=5))
+    seq = await rt.bus.publish_job(job.tool, job.priority.value, job.id, _msg_id(job))  # ...and no position noted
+    await live.emb.housekeeper._apply(job, Action.REPUBLISH, job.created_at + 10)
+    async with live.client() as c:
+        done = await poll(c, job.id, timeout=15)
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+    assert (await rt.store.get(job.id)).stream_seq == seq
+
+
 async def test_running_job_of_a_dead_worker_with_no_attempts_left_fails(live):
     rt = live.emb.rt
     import time

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from ulid import ULID
 
-from genq.adapters.sqlite import SYNC_INTERVAL, SQLiteStore
+from genq.adapters.sqlite import NOTE_DELAY, SYNC_INTERVAL, SQLiteStore
 from genq.models import Job, Priority, Status
 from genq.ports import StorageFull, Unavailable
 
@@ -287,6 +287,33 @@ async def test_a_closed_store_is_unavailable(tmp_path):
     try:
         assert await again.get(job.id) == job and await again.position(job) == 1
         assert json.loads(json.dumps(job.params)) == (await again.get(job.id)).params
+    finally:
+        await again.close()
+
+
+async def test_noted_stream_positions_are_written_together_a_moment_later(store):
+    """The API notes where each published job sits in the stream; the store writes the
+    notes of a moment in one transaction (as writes: version bumped), leaves a job that a
+    worker started meanwhile alone (it noted its own position), and writes what is still
+    pending when it closes."""
+    a, b, c = [await store.create(new_job()) for _ in range(3)]
+    started = await store.transition(c.id, [Status.QUEUED], status=Status.RUNNING, attempts=1, stream_seq=33)
+    for job, seq in ((a, 11), (b, 22), (c, 99)):
+        store.note_stream_seq(job.id, seq)
+    assert (await store.get(a.id)).stream_seq is None  # not yet
+    await asyncio.sleep(NOTE_DELAY * 4)
+    got = [await store.get(j.id) for j in (a, b, c)]
+    assert [j.stream_seq for j in got] == [11, 22, 33]
+    assert got[0] == a.evolve(stream_seq=11, version=a.version + 1) and got[2] == started
+    assert await store.position(got[0]) == 1 and await store.position(got[1]) == 2
+
+    pending = await store.create(new_job())
+    store.note_stream_seq(pending.id, 44)
+    await store.close()
+    again = SQLiteStore(store.path)
+    await again.open()
+    try:
+        assert (await again.get(pending.id)).stream_seq == 44
     finally:
         await again.close()
 

@@ -45,6 +45,9 @@ T = TypeVar("T")
 
 #: Longest a write by another process may take to show in positions and queue counts.
 SYNC_INTERVAL = 0.05
+#: How long the stream positions of just-published jobs (:meth:`SQLiteStore.note_stream_seq`)
+#: wait to be written together, in one transaction.
+NOTE_DELAY = 0.05
 #: Longest a statement waits, in all, for a write lock held by another process (a
 #: ``genq worker`` on the same file) before it fails: the old ``busy_timeout``. The wait is
 #: an async backoff, so the loop keeps serving meanwhile.
@@ -236,6 +239,8 @@ class SQLiteStore:
         self._index = _QueueIndex()
         self._sync_lock = asyncio.Lock()
         self._last_sync = 0.0
+        self._notes: dict[str, int] = {}
+        self._notes_task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     async def open(self) -> None:
@@ -268,6 +273,12 @@ class SQLiteStore:
             self._checkpointer.start()
 
     async def close(self) -> None:
+        task, self._notes_task = self._notes_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._notes and self._db is not None:
+            await self._write_notes()
         db, self._db = self._db, None
         if self._checkpointer is not None:
             self._checkpointer.stop()
@@ -415,6 +426,31 @@ class SQLiteStore:
             raise ValueError(f"cannot change {sorted(bad)}")
         # Read, check and write with no await between them.
         return self._note(await self._run(_cas, job_id, expect, version, guard, requeue, changes))
+
+    def note_stream_seq(self, job_id: str, seq: int) -> None:
+        """Record where a just-published, still queued job sits in the stream, a moment
+        later: the positions noted within ``NOTE_DELAY`` go in one transaction, where an
+        ``update(stream_seq=...)`` per submit was a commit of its own (a fifth of the store's
+        writes per job). Until then the job reads as not yet published, which matters only
+        after a crash: housekeeping republishes such a job 5 s after its creation under the
+        same message id, JetStream drops the copy and answers with this position. A job that
+        moved on meanwhile (a worker started it, noting the position itself) is left alone."""
+        self._notes[job_id] = seq
+        if self._notes_task is None:
+            self._notes_task = asyncio.get_running_loop().create_task(self._notes_after(NOTE_DELAY))
+
+    async def _notes_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._notes_task = None
+        await self._write_notes()
+
+    async def _write_notes(self) -> None:
+        notes, self._notes = self._notes, {}
+        try:
+            await self._run(_write_stream_seqs, list(notes.items()))
+        except Exception as e:
+            log.warning("could not record the stream position of %d job(s) (%s); housekeeping republishes them",
+                        len(notes), e)
 
     async def delete(self, job_id: str) -> None:
         await self._write("DELETE FROM jobs WHERE id = ?", (job_id,))
@@ -612,6 +648,23 @@ def _cas_sets_for(fields: tuple[str, ...], requeue: bool) -> tuple[str, tuple[tu
     if requeue:
         sets.append("seq = (SELECT MAX(seq) + 1 FROM jobs)")
     return ", ".join(sets), tuple(cols.items())
+
+
+def _write_stream_seqs(conn: sqlite3.Connection, notes: list[tuple[str, int]]) -> None:
+    """One transaction for many jobs' stream positions (written as a compare-and-set would:
+    version and revision bumped). Safe to run again after SQLITE_BUSY."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany(
+            "UPDATE jobs SET stream_seq = ?, version = version + 1, rev = (SELECT MAX(rev) + 1 FROM jobs) "
+            "WHERE id = ? AND status = 'queued' AND stream_seq IS NULL",
+            [(seq, job_id) for job_id, seq in notes],
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _fetch(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...] | dict[str, Any]) -> list[sqlite3.Row]:
