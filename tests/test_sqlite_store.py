@@ -336,3 +336,26 @@ async def test_a_file_made_before_an_index_went_opens_without_it(tmp_path):
         assert await again.get(job.id) == job and (await again.counts("t")).queued == 1
     finally:
         await again.close()
+
+
+async def test_revisions_never_go_back_when_the_newest_job_is_deleted(store, tmp_path):
+    """Each process's positions follow the revisions it has not read yet. Deleting the job
+    holding the highest revision (an expiry after a quiet spell) must not hand that number
+    out again: another process that had read it would skip the next writes (here a job
+    started by a second process would stay queued in the first one's counts)."""
+    other = SQLiteStore(tmp_path / "genq.db")  # the second process's view (its own connection and index)
+    await other.open()
+    try:
+        first = await store.create(new_job())
+        gone = await store.create(new_job())
+        await store.transition(gone.id, [Status.QUEUED], status=Status.CANCELLED)
+        await asyncio.sleep(SYNC_INTERVAL * 2)
+        assert (await store.counts("t")).queued == 1  # read up to the cancel's revision
+        await store.delete(gone.id)
+        await other.transition(first.id, [Status.QUEUED], status=Status.RUNNING, attempts=1)
+        await asyncio.sleep(SYNC_INTERVAL * 2)
+        counts = await store.counts("t")
+        assert (counts.queued, counts.running) == (0, 1)
+        assert await store.position(first) is None
+    finally:
+        await other.close()

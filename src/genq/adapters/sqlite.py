@@ -124,7 +124,22 @@ CREATE TABLE IF NOT EXISTS workers (
     last_seen REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+-- The highest revision a deleted job had: revisions never go back (see _NEXT_REV).
+CREATE TRIGGER IF NOT EXISTS jobs_rev_floor AFTER DELETE ON jobs BEGIN
+    INSERT INTO counters (name, value) VALUES ('rev_floor', OLD.rev)
+    ON CONFLICT(name) DO UPDATE SET value = max(value, excluded.value);
+END;
 """
+
+#: The revision a write stamps: one above every revision any job ever had. ``MAX(rev)``
+#: alone goes back when the job holding it is deleted (a retention expiry after a quiet
+#: spell, a submit taken back), and another process whose index had seen that revision
+#: would then skip the next writes (a job started by a ``genq worker`` still queued in
+#: the API's positions and counts).
+_NEXT_REV = (
+    "(SELECT max(COALESCE((SELECT MAX(rev) FROM jobs), 0),"
+    " COALESCE((SELECT value FROM counters WHERE name = 'rev_floor'), 0)) + 1)"
+)
 
 # Columns kept outside the JSON ``data`` blob: what queries filter or sort on.
 _COLUMNS = (
@@ -370,13 +385,13 @@ class SQLiteStore:
     # -- jobs --------------------------------------------------------------------------
     async def create(self, job: Job) -> Job:
         rows = await self._write(
-            """
+            f"""
             INSERT INTO jobs (id, owner, tool, variant, priority, prank, status, seq, version, rev,
                 created_at, started_at, completed_at, expires_at, heartbeat_at, deadline_at,
                 stream_seq, attempts, progress, seed, worker, data)
             VALUES (?, ?, ?, ?, ?, ?, ?,
                 (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), 1,
-                (SELECT COALESCE(MAX(rev), 0) + 1 FROM jobs),
+                {_NEXT_REV},
                 ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             RETURNING seq
             """,
@@ -644,7 +659,7 @@ def _cas_sets_for(fields: tuple[str, ...], requeue: bool) -> tuple[str, tuple[tu
         for col, get in _CAS_COLUMNS[field]:
             cols[col] = get
     sets = [f"{col} = ?" for col in cols]
-    sets += ["version = version + 1", "rev = (SELECT MAX(rev) + 1 FROM jobs)"]
+    sets += ["version = version + 1", f"rev = {_NEXT_REV}"]
     if requeue:
         sets.append("seq = (SELECT MAX(seq) + 1 FROM jobs)")
     return ", ".join(sets), tuple(cols.items())
@@ -656,7 +671,7 @@ def _write_stream_seqs(conn: sqlite3.Connection, notes: list[tuple[str, int]]) -
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.executemany(
-            "UPDATE jobs SET stream_seq = ?, version = version + 1, rev = (SELECT MAX(rev) + 1 FROM jobs) "
+            f"UPDATE jobs SET stream_seq = ?, version = version + 1, rev = {_NEXT_REV} "
             "WHERE id = ? AND status = 'queued' AND stream_seq IS NULL",
             [(seq, job_id) for job_id, seq in notes],
         )
