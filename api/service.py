@@ -142,12 +142,12 @@ class JobService:
         seed = params.get("seed")
         if spec.takes_seed and seed is None:
             seed = secrets.randbelow(2**32)
-        body_hash = _body_hash(spec.name, variant, raw_params, sub.priority, sub.uploads)
 
         job_id = str(ULID())
         if idem_key is not None:
             if not (1 <= len(idem_key) <= 255) or not idem_key.isprintable():
                 raise ApiError("invalid_input", "Idempotency-Key must be 1-255 printable characters.")
+            body_hash = _body_hash(spec.name, variant, raw_params, sub.priority, sub.uploads)
             existing = await self.rt.store.idempotency_get(principal.id, idem_key)
             if existing is None:
                 existing = await self.rt.store.idempotency_put(
