@@ -89,6 +89,60 @@ class Housekeeper:
         # A store that knows when a job needs attention now (the Kubernetes store: a
         # kubectl cancel or delete seen on its watch) wakes the loop before the interval.
         wake: asyncio.Event | None = getattr(self.rt.store, "attention", None)
+        advisories = asyncio.create_task(self.watch_max_deliveries(), name="housekeeping-max-deliveries")
+        try:
+            await self._loop(wake)
+        finally:
+            advisories.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await advisories
+
+    async def watch_max_deliveries(self) -> None:
+        """JetStream stops delivering a message after ``MaxDeliver`` deliveries. A delivery
+        that never reached its compare-and-set (a worker killed between its pull and the
+        claim, or while it held the next job it pulled during a last step) spent one with
+        no attempt made; on the last, the job would wait ``queued`` behind a message no
+        worker gets again. The server's advisory names that message: a job still queued
+        behind it goes out as a new message. (A job claimed on its last delivery is the
+        lost-worker check's: it is running, or ended.)"""
+        subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{constants.JOBS_STREAM}.*"
+        while not self._stop.is_set():
+            try:
+                sub = await self.rt.bus.subscribe(subject)
+            except Exception:
+                log.warning("cannot subscribe to %s; trying again", subject, exc_info=True)
+                await asyncio.sleep(5)
+                continue
+            try:
+                async for advisory in sub:
+                    try:
+                        await self.on_max_deliveries(int(advisory["stream_seq"]))
+                    except Exception:
+                        log.exception("handling %s failed", advisory)
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def on_max_deliveries(self, stream_seq: int) -> bool:
+        rt = self.rt
+        job_id = await rt.bus.message_job_id(stream_seq)
+        job = await rt.store.get(job_id) if job_id else None
+        if job is None or job.status != Status.QUEUED or job.stream_seq not in (None, stream_seq):
+            return False
+        seq = await rt.bus.publish_job(job.tool, job.priority.value, job.id, f"{job.id}.{job.seq}.{stream_seq}")
+        if await rt.store.transition(job.id, [Status.QUEUED], version=job.version, stream_seq=seq) is None:
+            return False
+        log.warning("job %s: its stream message %s reached its delivery limit unclaimed; republished as %s",
+                    job.id, stream_seq, seq)
+        await rt.store.record_event(job, Action.REPUBLISH.value,
+                                    f"The job's stream message {stream_seq} reached its delivery limit without "
+                                    "being claimed (a worker stopped between taking it and starting it); "
+                                    "published it again.", warning=True)
+        with contextlib.suppress(Exception):
+            await rt.bus.delete_message(stream_seq)
+        return True
+
+    async def _loop(self, wake: asyncio.Event | None) -> None:
         while not self._stop.is_set():
             if wake is not None:
                 wake.clear()

@@ -413,3 +413,35 @@ async def test_the_next_job_is_pulled_in_the_last_step_and_handed_back_on_stop(l
         finally:
             await new.stop(drain=5)
     assert done["status"] == "succeeded" and done["attempts"] == 1, done
+
+
+@pytest.mark.genq(tools={"echo": {"maxAttempts": 1, "maxWorkers": 1}})
+async def test_a_delivery_spent_without_a_claim_does_not_strand_the_job(live):
+    """A worker killed between its pull and its claim (or while holding the next job it
+    pulled during a last step) spent a JetStream delivery with no attempt made; on the
+    message's last delivery (MaxDeliver 1 here) JetStream never offers it again. Its
+    advisory makes housekeeping put the job out as a new message."""
+    from genq.worker.tools import build_tool
+    from genq.worker.worker import Worker
+    from test_api_flows import poll
+
+    rt = live.emb.rt
+    await next(w for w in live.emb.workers if w.name == "echo").stop(drain=0)
+    async with live.client() as c:
+        jid = (await c.post("/v1/jobs", json={"tool": "echo", "params": {"text": "stranded"}})).json()["id"]
+        # The worker that dies after its pull: it takes the delivery and never answers.
+        deadline = time.monotonic() + 10
+        while (d := await rt.bus.pull("echo")) is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        assert d.job_id == jid and d.attempt == 1
+        spec = rt.registry.get("echo")
+        new = Worker(spec, build_tool(spec), store=rt.store, bus=rt.bus, blobs=rt.blobs, settings=rt.settings,
+                     metrics=rt.metrics)
+        await new.start()
+        try:
+            done = await poll(c, jid, timeout=30)  # ack_wait is 3 s here
+        finally:
+            await new.stop(drain=5)
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done
+    assert not await rt.bus.has_message(d.stream_seq)  # the spent message is gone from the stream

@@ -187,6 +187,12 @@ class Bus(Protocol):
     async def has_message(self, stream_seq: int) -> bool:
         """Whether the job message ``stream_seq`` is still in the stream."""
 
+    async def message_job_id(self, stream_seq: int) -> str | None:
+        """The job id in message ``stream_seq``; None when it is gone."""
+
+    async def delete_message(self, stream_seq: int) -> None:
+        """Remove message ``stream_seq`` from the stream (gone already is fine)."""
+
     async def nak_subject(self, reply: str) -> None:
         """Hand back a delivery by its ack subject (its worker is known to be dead)."""
 

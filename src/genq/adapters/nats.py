@@ -430,15 +430,34 @@ class NatsBus:
                 log.warning("could not remove stream message %s: %s", stream_seq, e)
 
     async def has_message(self, stream_seq: int) -> bool:
+        return await self._get_msg(stream_seq) is not None
+
+    async def _get_msg(self, stream_seq: int) -> Any:
         try:
-            await self._js.get_msg(constants.JOBS_STREAM, stream_seq)
+            return await self._js.get_msg(constants.JOBS_STREAM, stream_seq)
         except nats.js.errors.NotFoundError:
-            return False
+            return None
         except nats.js.errors.APIError as e:
             if e.code == 404 or e.err_code == 10037:
-                return False
+                return None
             raise
-        return True
+
+    async def message_job_id(self, stream_seq: int) -> str | None:
+        msg = await self._get_msg(stream_seq)
+        if msg is None:
+            return None
+        try:
+            return str(json.loads(msg.data)["id"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    async def delete_message(self, stream_seq: int) -> None:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            try:
+                await self._js.delete_msg(constants.JOBS_STREAM, stream_seq)
+            except nats.js.errors.APIError as e:
+                if not (e.code == 404 or e.err_code in (10037, 10057)):
+                    raise
 
     async def backlog(self, tool: str) -> int:
         total = 0
