@@ -156,7 +156,9 @@ def test_keys_never_leak(server):
                 seen.append(r.text + str(r.headers))
     answers = "\n".join(seen)
     log = server.log()
-    assert len(log) > 1000, "the server logged almost nothing at DEBUG: is the log captured?"
+    # Captured, at DEBUG (the store's statements used to fill it through aiosqlite's
+    # debug log; the stdlib sqlite3 logs nothing, so no length is asserted).
+    assert "genq is up" in log and " DEBUG " in log, "the server's DEBUG log is not captured"
     data_files = [p for p in server.data.rglob("*") if p.is_file() and "nats" not in p.parts]
     assert any(p.name.startswith("genq.db") for p in data_files)
     for key in secrets:
