@@ -101,10 +101,12 @@ class Housekeeper:
         """JetStream stops delivering a message after ``MaxDeliver`` deliveries. A delivery
         that never reached its compare-and-set (a worker killed between its pull and the
         claim, or while it held the next job it pulled during a last step) spent one with
-        no attempt made; on the last, the job would wait ``queued`` behind a message no
-        worker gets again. The server's advisory names that message: a job still queued
-        behind it goes out as a new message. (A job claimed on its last delivery is the
-        lost-worker check's: it is running, or ended.)"""
+        no attempt made; on the last, the job would wait behind a message no worker gets
+        again: ``queued`` forever, or ``running`` (its worker died on the last delivery
+        with attempts left, where a redelivery would have started the next attempt) until
+        its deadline. The server's advisory names that message (it fires when the last
+        delivery's ack wait ran out: no worker is heartbeating it): the job goes out as a
+        new message, which a worker takes as the redelivery it replaces."""
         subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{constants.JOBS_STREAM}.*"
         while not self._stop.is_set():
             try:
@@ -127,10 +129,12 @@ class Housekeeper:
         rt = self.rt
         job_id = await rt.bus.message_job_id(stream_seq)
         job = await rt.store.get(job_id) if job_id else None
-        if job is None or job.status != Status.QUEUED or job.stream_seq not in (None, stream_seq):
+        if job is None or job.terminal or job.stream_seq not in (None, stream_seq):
             return False
+        if job.status is Status.RUNNING and job.attempts >= job.max_attempts:
+            return False  # no attempt left: the lost-worker check fails it
         seq = await rt.bus.publish_job(job.tool, job.priority.value, job.id, f"{job.id}.{job.seq}.{stream_seq}")
-        if await rt.store.transition(job.id, [Status.QUEUED], version=job.version, stream_seq=seq) is None:
+        if await rt.store.transition(job.id, [job.status], version=job.version, stream_seq=seq) is None:
             return False
         log.warning("job %s: its stream message %s reached its delivery limit unclaimed; republished as %s",
                     job.id, stream_seq, seq)

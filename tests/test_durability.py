@@ -445,3 +445,46 @@ async def test_a_delivery_spent_without_a_claim_does_not_strand_the_job(live):
             await new.stop(drain=5)
     assert done["status"] == "succeeded" and done["attempts"] == 1, done
     assert not await rt.bus.has_message(d.stream_seq)  # the spent message is gone from the stream
+
+
+@pytest.mark.genq(tools={"echo": {"maxAttempts": 3, "maxWorkers": 1}})
+async def test_a_job_whose_worker_died_on_its_last_delivery_runs_again(live):
+    """Deliveries spent unclaimed (workers killed holding a pulled job) leave fewer
+    deliveries than attempts; a worker then dying on the message's last one left the job
+    ``running`` with attempts to spare and no redelivery coming: it waited for its
+    deadline and failed. The advisory makes housekeeping send it out again."""
+    from genq.models import Status
+    from genq.worker.tools import build_tool
+    from genq.worker.worker import Worker
+    from test_api_flows import poll
+
+    rt = live.emb.rt
+    await next(w for w in live.emb.workers if w.name == "echo").stop(drain=0)
+    async with live.client() as c:
+        jid = (await c.post("/v1/jobs", json={"tool": "echo", "params": {"text": "last"}})).json()["id"]
+
+        async def take():
+            deadline = time.monotonic() + 15
+            while (d := await rt.bus.pull("echo")) is None:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            return d
+
+        # Two deliveries pulled and dropped (workers killed before their claim)...
+        for n in (1, 2):
+            assert (await take()).attempt == n
+        # ...and the third (the last: MaxDeliver 3) claimed by a worker that then dies.
+        d = await take()
+        assert d.attempt == 3
+        job = await rt.store.get(jid)
+        assert await rt.store.transition(jid, [Status.QUEUED], status=Status.RUNNING, attempts=1, started_at=time.time(),
+                                         heartbeat_at=time.time(), worker="dead-worker") is not None
+        spec = rt.registry.get("echo")
+        new = Worker(spec, build_tool(spec), store=rt.store, bus=rt.bus, blobs=rt.blobs, settings=rt.settings,
+                     metrics=rt.metrics)
+        await new.start()
+        try:
+            done = await poll(c, jid, timeout=30)  # the deadline is 30 s: it must not be what ends it
+        finally:
+            await new.stop(drain=5)
+    assert done["status"] == "succeeded" and done["attempts"] == 2, (job, done)
