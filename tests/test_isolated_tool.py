@@ -250,3 +250,19 @@ def ts(v: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+
+
+async def test_a_restart_before_the_reader_notices_the_death_still_ends_the_jobs_sent(echo):
+    """The process dies; a restart (a new job arriving) can come before the task reading
+    its socket sees the end. The jobs the dead process had are answered either way."""
+    running = asyncio.ensure_future(echo.arun(call({"sleep": 20, "text": "r"}, job_id="r")))
+    while not any(c.pending for c in echo._children):
+        await asyncio.sleep(0.01)
+    child = next(c for c in echo._children if c.pending)
+    os.kill(child.pid, signal.SIGKILL)
+    while child.proc.poll() is None:  # dead and reaped: the child looks gone at once
+        time.sleep(0.001)
+    await child.ensure()  # the restart, before the reader has run
+    with pytest.raises(ToolError, match="exited"):
+        await asyncio.wait_for(running, 5)
+    assert (await echo.arun(call({"text": "after"}, job_id="after"))).files

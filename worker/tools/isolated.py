@@ -182,16 +182,12 @@ class _Child:
                     entry.future.set_result(msg)
                 self.owner.notify()
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            code = await self._reap(from_reader=True)
-            for entry in self.pending.values():
-                if not entry.future.done():
-                    entry.future.set_result({"op": "exited", "code": code})
-            self.pending.clear()
-            self.finishing = False
-            self.owner.notify()
+            await self._reap(from_reader=True)
 
     async def _reap(self, from_reader: bool = False) -> int | None:
-        """Close the socket and make sure the process is gone; its exit code."""
+        """Close the socket and make sure the process is gone; its exit code. Whatever
+        the process was sent and did not answer ends as ``exited`` (whoever notices the
+        death first, the reader or a restart, answers them)."""
         self._stop_kill_timer()
         if self._read_task is not None and not from_reader:
             self._read_task.cancel()
@@ -202,11 +198,18 @@ class _Child:
                 await self.writer.wait_closed()
         self.reader = self.writer = None
         proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.kill()
-        return await asyncio.to_thread(proc.wait)
+        code = None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            code = await asyncio.to_thread(proc.wait)
+        for entry in self.pending.values():
+            if not entry.future.done():
+                entry.future.set_result({"op": "exited", "code": code})
+        self.pending.clear()
+        self.finishing = False
+        self.owner.notify()
+        return code
 
     async def _ask(self, ref: str, msg: dict[str, Any], call: ToolCall | None) -> dict[str, Any]:
         await self.ensure()
@@ -283,10 +286,6 @@ class _Child:
                 proc = self.proc
                 await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
         await self._reap()
-        for entry in self.pending.values():
-            if not entry.future.done():
-                entry.future.set_result({"op": "exited", "code": None})
-        self.pending.clear()
 
 
 def _error_from(msg: dict[str, Any]) -> Exception:
