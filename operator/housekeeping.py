@@ -133,6 +133,10 @@ class Housekeeper:
             return False
         if job.status is Status.RUNNING and job.attempts >= job.max_attempts:
             return False  # no attempt left: the lost-worker check fails it
+        # The spent message goes first: nobody gets it again, and should the publish fail
+        # the job is one whose message is gone, which the stream check republishes.
+        with contextlib.suppress(Exception):
+            await rt.bus.delete_message(stream_seq)
         seq = await rt.bus.publish_job(job.tool, job.priority.value, job.id, f"{job.id}.{job.seq}.{stream_seq}")
         if await rt.store.transition(job.id, [job.status], version=job.version, stream_seq=seq) is None:
             return False
@@ -142,8 +146,6 @@ class Housekeeper:
                                     f"The job's stream message {stream_seq} reached its delivery limit without "
                                     "being claimed (a worker stopped between taking it and starting it); "
                                     "published it again.", warning=True)
-        with contextlib.suppress(Exception):
-            await rt.bus.delete_message(stream_seq)
         return True
 
     async def _loop(self, wake: asyncio.Event | None) -> None:

@@ -479,7 +479,7 @@ class Worker:
                 with contextlib.suppress(Exception):  # a long last step: keep the next one ours
                     await early.result().in_progress()
             with contextlib.suppress(Exception):
-                await self.store.update(job.id, guard=mine, heartbeat_at=time.time())
+                await self.store.transition(job.id, [Status.RUNNING], guard=mine, heartbeat_at=time.time())
 
     def _on_progress(self, running: _Running, fraction: float, step: int | None, steps: int | None) -> None:
         fraction = min(1.0, max(0.0, fraction))
@@ -501,8 +501,10 @@ class Worker:
             asyncio.ensure_future(self._write_progress(job, fraction))
 
     async def _write_progress(self, job: Job, fraction: float) -> None:
+        # Only while running: a write that lands after the job's success (a slow store, a
+        # retried conflict) must not take its progress back from 1.0.
         with contextlib.suppress(Exception):
-            await self.store.update(job.id, guard=self._mine(job.attempts), progress=fraction)
+            await self.store.transition(job.id, [Status.RUNNING], guard=self._mine(job.attempts), progress=fraction)
 
     # -- outcomes ----------------------------------------------------------------------
     async def _succeed(self, job: Job, d: Any, result: ToolResult, seconds: float, mine: Any) -> None:
