@@ -121,11 +121,24 @@ async def start_live(tmp_path: Path, config: dict, **settings) -> tuple[Live, uv
                  rate_premium=settings.pop("rate_premium", "100000/minute"), **settings)
     emb = Embedded(s, registry_from_dict(config))
     await emb.start()
+    if not _bindable(port):  # the embedded nats-server, choosing after us, was given the same port
+        port = free_port()
     server = uvicorn.Server(uvicorn.Config(emb.app(), host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.02)
     return Live(emb, f"http://127.0.0.1:{port}"), server, task
+
+
+def _bindable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 async def stop_live(live: Live, server: uvicorn.Server, task: asyncio.Task) -> None:
