@@ -358,8 +358,6 @@ async def test_a_job_drained_on_its_last_delivery_runs_again(live):
     """A worker stopping (scale-in, rollout) hands its running job back without counting
     the attempt, even when JetStream would not deliver that message again (its last
     delivery, MaxDeliver 1 here): the job goes out as a new message and runs."""
-    from genq.worker.tools import build_tool
-    from genq.worker.worker import Worker
     from test_api_flows import poll
 
     rt = live.emb.rt
@@ -369,14 +367,7 @@ async def test_a_job_drained_on_its_last_delivery_runs_again(live):
         await poll(c, jid, until=("running",))
         await old.stop(drain=0)
         assert (await c.get(f"/v1/jobs/{jid}")).json()["status"] == "queued"
-        spec = rt.registry.get("echo")
-        new = Worker(spec, build_tool(spec), store=rt.store, bus=rt.bus, blobs=rt.blobs, settings=rt.settings,
-                     metrics=rt.metrics)
-        await new.start()
-        try:
-            done = await poll(c, jid, timeout=30)
-        finally:
-            await new.stop(drain=5)
+        done = await run_new_echo_worker(rt, c, jid)
     assert done["status"] == "succeeded" and done["attempts"] == 1, done
 
 
@@ -385,9 +376,6 @@ async def test_the_next_job_is_pulled_in_the_last_step_and_handed_back_on_stop(l
     """A slot pulls its next job while the running one is in its last step (no pull gap
     between jobs), and the job stays ``queued`` until it starts. A worker stopping then
     hands it back, even on its last JetStream delivery (MaxDeliver 1 here)."""
-    from genq.worker.tools import build_tool
-    from genq.worker.worker import Worker
-    from test_api_flows import poll
 
     rt = live.emb.rt
     old = next(w for w in live.emb.workers if w.name == "echo")
@@ -404,14 +392,7 @@ async def test_the_next_job_is_pulled_in_the_last_step_and_handed_back_on_stop(l
         await old.stop(drain=5)  # a finishes; b was never started here
         assert (await c.get(f"/v1/jobs/{a}")).json()["status"] == "succeeded"
         assert (await c.get(f"/v1/jobs/{b}")).json()["status"] == "queued"
-        spec = rt.registry.get("echo")
-        new = Worker(spec, build_tool(spec), store=rt.store, bus=rt.bus, blobs=rt.blobs, settings=rt.settings,
-                     metrics=rt.metrics)
-        await new.start()
-        try:
-            done = await poll(c, b, timeout=30)
-        finally:
-            await new.stop(drain=5)
+        done = await run_new_echo_worker(rt, c, b)
     assert done["status"] == "succeeded" and done["attempts"] == 1, done
 
 
@@ -421,9 +402,6 @@ async def test_a_delivery_spent_without_a_claim_does_not_strand_the_job(live):
     pulled during a last step) spent a JetStream delivery with no attempt made; on the
     message's last delivery (MaxDeliver 1 here) JetStream never offers it again. Its
     advisory makes housekeeping put the job out as a new message."""
-    from genq.worker.tools import build_tool
-    from genq.worker.worker import Worker
-    from test_api_flows import poll
 
     rt = live.emb.rt
     await next(w for w in live.emb.workers if w.name == "echo").stop(drain=0)
@@ -435,14 +413,7 @@ async def test_a_delivery_spent_without_a_claim_does_not_strand_the_job(live):
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
         assert d.job_id == jid and d.attempt == 1
-        spec = rt.registry.get("echo")
-        new = Worker(spec, build_tool(spec), store=rt.store, bus=rt.bus, blobs=rt.blobs, settings=rt.settings,
-                     metrics=rt.metrics)
-        await new.start()
-        try:
-            done = await poll(c, jid, timeout=30)  # ack_wait is 3 s here
-        finally:
-            await new.stop(drain=5)
+        done = await run_new_echo_worker(rt, c, jid)  # ack_wait is 3 s here
     assert done["status"] == "succeeded" and done["attempts"] == 1, done
     assert not await rt.bus.has_message(d.stream_seq)  # the spent message is gone from the stream
 
@@ -454,9 +425,6 @@ async def test_a_job_whose_worker_died_on_its_last_delivery_runs_again(live):
     ``running`` with attempts to spare and no redelivery coming: it waited for its
     deadline and failed. The advisory makes housekeeping send it out again."""
     from genq.models import Status
-    from genq.worker.tools import build_tool
-    from genq.worker.worker import Worker
-    from test_api_flows import poll
 
     rt = live.emb.rt
     await next(w for w in live.emb.workers if w.name == "echo").stop(drain=0)
@@ -479,12 +447,22 @@ async def test_a_job_whose_worker_died_on_its_last_delivery_runs_again(live):
         job = await rt.store.get(jid)
         assert await rt.store.transition(jid, [Status.QUEUED], status=Status.RUNNING, attempts=1, started_at=time.time(),
                                          heartbeat_at=time.time(), worker="dead-worker") is not None
-        spec = rt.registry.get("echo")
-        new = Worker(spec, build_tool(spec), store=rt.store, bus=rt.bus, blobs=rt.blobs, settings=rt.settings,
-                     metrics=rt.metrics)
-        await new.start()
-        try:
-            done = await poll(c, jid, timeout=30)  # the deadline is 30 s: it must not be what ends it
-        finally:
-            await new.stop(drain=5)
+        done = await run_new_echo_worker(rt, c, jid)  # the deadline is 30 s: it must not be what ends it
     assert done["status"] == "succeeded" and done["attempts"] == 2, (job, done)
+
+
+async def run_new_echo_worker(rt, c, job_id: str) -> dict:
+    """Start a fresh worker for ``echo`` (the one a restart brings up), wait for
+    ``job_id`` to end, stop the worker; the job as it ended."""
+    from genq.worker.tools import build_tool
+    from genq.worker.worker import Worker
+    from test_api_flows import poll
+
+    spec = rt.registry.get("echo")
+    new = Worker(spec, build_tool(spec), store=rt.store, bus=rt.bus, blobs=rt.blobs, settings=rt.settings,
+                 metrics=rt.metrics)
+    await new.start()
+    try:
+        return await poll(c, job_id, timeout=30)
+    finally:
+        await new.stop(drain=5)
