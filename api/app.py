@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from genq import __version__
 from genq.api import errors
@@ -14,6 +15,20 @@ from genq.api.middleware import GenqMiddleware
 from genq.api.routes import health, jobs, keys, queues, tools
 from genq.api.service import JobService
 from genq.runtime import Runtime
+
+
+class GenqApp(FastAPI):
+    """FastAPI, with the JSON submit answered before the framework's layers when it
+    qualifies (``jobs.DirectSubmit``); every other request takes the normal way."""
+
+    direct_submit: jobs.DirectSubmit | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        direct = self.direct_submit
+        if direct is not None and direct.takes(scope):
+            await direct(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(runtime: Runtime, *, manage_runtime: bool = False) -> FastAPI:
@@ -30,7 +45,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = False) -> FastAPI:
             if manage_runtime:
                 await runtime.close()
 
-    app = FastAPI(
+    app = GenqApp(
         title="genq",
         version=__version__,
         description="GPU generation tools as queued jobs behind one REST API.",
@@ -47,4 +62,5 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = False) -> FastAPI:
         app.include_router(r)
     max_body = max(s.max_json_bytes, s.max_files * s.max_file_bytes + 1024 * 1024)
     app.add_middleware(GenqMiddleware, max_body=max_body, metrics=runtime.metrics)
+    app.direct_submit = jobs.DirectSubmit(app.state, runtime.metrics)
     return app

@@ -57,18 +57,33 @@ def body(code: str, message: str, details: dict[str, Any] | None = None) -> dict
     return {"error": {"code": code, "message": message, "details": details or {}}}
 
 
-def error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse(body(e.code, e.message, e.details), status_code=e.status, headers=e.headers)
-
-
 def not_found(what: str = "job") -> ApiError:
     return ApiError("not_found", f"No such {what}.")
 
 
+def render(e: Exception) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+    """(status, error body, headers) for an exception a route raised: what the app's
+    handlers answer, and what the JSON submit's direct path (``routes.jobs``) answers."""
+    if isinstance(e, ApiError):
+        return e.status, body(e.code, e.message, e.details), e.headers
+    if isinstance(e, StarletteHTTPException):
+        code = _BY_STATUS.get(e.status_code, "invalid_input" if e.status_code < 500 else "internal")
+        message = {404: "No such resource.", 405: "Method not allowed on this resource."}.get(e.status_code, str(e.detail))
+        return e.status_code, body(code, message), getattr(e, "headers", None)
+    if isinstance(e, StorageFull):
+        log.error("storage full: %s", e)
+        return 503, body("unavailable", "Storage is full; try again later."), {"Retry-After": "30"}
+    if isinstance(e, PortError):
+        log.warning("backing service unavailable: %s", e)
+        return 503, body("unavailable", "A backing service is unavailable; try again shortly."), {"Retry-After": "2"}
+    log.exception("unhandled error", exc_info=e)
+    return 500, body("internal", "Something went wrong on our side."), None
+
+
 def install(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-        return error_response(e)
+    async def _render(_: Request, e: Exception) -> JSONResponse:
+        status, payload, headers = render(e)
+        return JSONResponse(payload, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -80,25 +95,5 @@ def install(app: FastAPI) -> None:
         return JSONResponse(body("validation_error", "The request does not match the expected schema.", {"errors": errors}),
                             status_code=422)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        code = _BY_STATUS.get(e.status_code, "invalid_input" if e.status_code < 500 else "internal")
-        message = {404: "No such resource.", 405: "Method not allowed on this resource."}.get(e.status_code, str(e.detail))
-        return JSONResponse(body(code, message), status_code=e.status_code, headers=getattr(e, "headers", None))
-
-    @app.exception_handler(StorageFull)
-    async def _full(_: Request, e: StorageFull) -> JSONResponse:
-        log.error("storage full: %s", e)
-        return JSONResponse(body("unavailable", "Storage is full; try again later."), status_code=503,
-                            headers={"Retry-After": "30"})
-
-    @app.exception_handler(PortError)
-    async def _port(_: Request, e: PortError) -> JSONResponse:
-        log.warning("backing service unavailable: %s", e)
-        return JSONResponse(body("unavailable", "A backing service is unavailable; try again shortly."),
-                            status_code=503, headers={"Retry-After": "2"})
-
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, e: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return JSONResponse(body("internal", "Something went wrong on our side."), status_code=500)
+    for exc in (ApiError, StarletteHTTPException, StorageFull, PortError, Exception):
+        app.add_exception_handler(exc, _render)

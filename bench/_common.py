@@ -159,6 +159,23 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def cpu_by_process(pid: int) -> dict[str, float]:
+    """user+system CPU seconds of each process in the tree of ``pid``, by its name (a
+    Python process by its script or module: ``genq``, ``worker``, ``celery``)."""
+    out: dict[str, float] = {}
+    for p in _tree(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+            name = Path(argv[0].decode(errors="replace")).name
+            if name.startswith("python"):
+                rest = [a.decode(errors="replace") for a in argv[1:] if a and not a.startswith(b"-")]
+                name = Path(rest[0]).stem if rest else name
+                name += f" {rest[1]}" if len(rest) > 1 and name in ("_servers", "celery", "genq") else ""
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
 def self_cpu() -> float:
     t = os.times()
     return t.user + t.system

@@ -55,7 +55,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import AUTH, BENCH, cpu_seconds, free_port, machine, median, pct, python_tool, self_cpu, start_genq, workdir  # noqa: E402
+from _common import AUTH, BENCH, cpu_by_process, cpu_seconds, free_port, machine, median, pct, python_tool, self_cpu, start_genq, workdir  # noqa: E402
 
 from genq import constants  # noqa: E402
 
@@ -256,7 +256,7 @@ def run_genq(work: Path, args: argparse.Namespace, rnd: int, split: bool) -> dic
     config = {"tools": [python_tool(TOOL, "benchtools:stamp", maxWorkers=args.concurrency,
                                     options={"isolation": args.isolation})]}
     srv = start_genq(work, config, name=name, stop_workers=TOOL if split else "",
-                     profile=args.profile if (args.profile and not split) else None)
+                     profile=args.profile.with_name(f"{args.profile.name}.{name}") if args.profile else None)
     procs = [srv.pid]
     worker = None
     try:
@@ -265,9 +265,10 @@ def run_genq(work: Path, args: argparse.Namespace, rnd: int, split: bool) -> dic
             procs.append(worker.pid)
         if args.warmup:
             asyncio.run(genq_enqueue(srv.url, args.warmup, args.clients, offset=10_000_000, client=args.client))
-        s0 = sum(cpu_seconds(p) for p in procs)
+        s0, by0 = sum(cpu_seconds(p) for p in procs), _by_process(procs)
         res = asyncio.run(genq_enqueue(srv.url, args.jobs, args.clients, offset=0, client=args.client))
         res["server_cpu"] = sum(cpu_seconds(p) for p in procs) - s0
+        res["cpu_by"] = _by_process(procs, by0)
         res["records"] = genq_records(srv.data_dir, res.pop("sent"))
     finally:
         if worker is not None:
@@ -326,14 +327,24 @@ def run_celery(work: Path, args: argparse.Namespace, rnd: int, mode: str) -> dic
         worker = start_celery_worker(work, url, args.concurrency, f"celery-{mode}-r{rnd}")
         if args.warmup:
             celery_enqueue(url, args.warmup, offset=10_000_000)
-        s0 = cpu_seconds(worker.pid) + cpu_seconds(redis_proc.pid)
+        s0, by0 = cpu_seconds(worker.pid) + cpu_seconds(redis_proc.pid), _by_process([worker.pid, redis_proc.pid])
         res = celery_enqueue(url, args.jobs, offset=0)
         res["server_cpu"] = cpu_seconds(worker.pid) + cpu_seconds(redis_proc.pid) - s0
+        res["cpu_by"] = _by_process([worker.pid, redis_proc.pid], by0)
     finally:
         if worker is not None:
             worker.stop()
         redis_proc.stop()
     return res
+
+
+def _by_process(pids: list[int], before: dict[str, float] | None = None) -> dict[str, float]:
+    """CPU seconds per process name over the trees of ``pids``, minus ``before``."""
+    now: dict[str, float] = {}
+    for pid in pids:
+        for name, sec in cpu_by_process(pid).items():
+            now[name] = now.get(name, 0.0) + sec
+    return {name: sec - (before or {}).get(name, 0.0) for name, sec in now.items()}
 
 
 # -- report -------------------------------------------------------------------------------
@@ -350,6 +361,7 @@ def summarize(res: dict[str, Any], jobs: int) -> dict[str, float]:
         "observed_s": res["t_obs"] - res["t0"],
         "p50": pct(lat, 50), "p99": pct(lat, 99), "max": max(lat),
         "cpu_ms_per_job": res["server_cpu"] / jobs * 1e3, "client_cpu_ms_per_job": res["client_cpu"] / jobs * 1e3,
+        "cpu_by": {name: sec / jobs * 1e3 for name, sec in res.get("cpu_by", {}).items()},
     }
 
 
@@ -357,7 +369,10 @@ def fmt(name: str, s: dict[str, float]) -> str:
     bad = f"   FAILED {s['failed']} MISSING {s['missing']}" if s["failed"] or s["missing"] else ""
     return (f"  {name:<17} e2e {s['e2e_jps']:7.0f} jobs/s ({s['e2e_s']:6.1f} s)   enqueue {s['enq_jps']:6.0f}/s   "
             f"enqueue->start p50 {s['p50']:8.1f} ms  p99 {s['p99']:8.1f} ms   "
-            f"server CPU {s['cpu_ms_per_job']:.2f} ms/job   client CPU {s['client_cpu_ms_per_job']:.2f} ms/job{bad}")
+            f"server CPU {s['cpu_ms_per_job']:.2f} ms/job   client CPU {s['client_cpu_ms_per_job']:.2f} ms/job{bad}"
+            + ("\n" + " " * 20 + "server CPU by process (ms/job): "
+               + ", ".join(f"{n} {v:.2f}" for n, v in sorted(s["cpu_by"].items(), key=lambda kv: -kv[1]) if v >= 0.005)
+               if s.get("cpu_by") else ""))
 
 
 def main() -> None:
@@ -374,7 +389,8 @@ def main() -> None:
     p.add_argument("--isolation", choices=["thread", "process"], default="thread",
                    help="genq: where the tool runs (options.isolation; process = a child process per slot, "
                         "as Celery's prefork pool)")
-    p.add_argument("--only", choices=["genq", "celery"], help="run one side only (profiling)")
+    p.add_argument("--only", choices=["genq", "genq-split", "celery"],
+                   help="run one system only (profiling); genq-split: only genq with its worker in its own process")
     p.add_argument("--profile", type=Path, help="profile the genq server with pyinstrument; text to this file")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, data)")
     args = p.parse_args()
@@ -382,16 +398,16 @@ def main() -> None:
     unknown = set(modes) - set(REDIS_MODES)
     if unknown:
         raise SystemExit(f"unknown redis mode(s) {sorted(unknown)}; choose from {sorted(REDIS_MODES)}")
-    if args.only != "genq" and shutil.which("redis-server") is None:
+    if args.only in (None, "celery") and shutil.which("redis-server") is None:
         print(f"redis-server is not installed; install Debian's package: {REDIS_INSTALL}", file=sys.stderr)
         raise SystemExit(2)
 
     systems: list[tuple[str, Any]] = []
-    if args.only != "celery":
+    if args.only in (None, "genq"):
         systems.append(("genq", lambda w, r: run_genq(w, args, r, split=False)))
-        if args.split:
-            systems.append(("genq split", lambda w, r: run_genq(w, args, r, split=True)))
-    if args.only != "genq":
+    if args.only == "genq-split" or (args.only in (None, "genq") and args.split):
+        systems.append(("genq split", lambda w, r: run_genq(w, args, r, split=True)))
+    if args.only in (None, "celery"):
         for m in modes:
             systems.append((f"celery/{m}", lambda w, r, m=m: run_celery(w, args, r, m)))
 
@@ -423,7 +439,7 @@ def main() -> None:
                 if "genq split" in med:
                     print(f"ratio genq split / {name} end-to-end jobs/s = {med['genq split']['e2e_jps'] / med[name]['e2e_jps']:.2f}")
     if args.profile:
-        print(f"profile of the genq server: {args.profile}")
+        print(f"profiles of the genq servers: {args.profile}.<system>-r<round>")
     if any(s["failed"] or s["missing"] for s in med.values()):
         raise SystemExit(1)
 
