@@ -168,7 +168,9 @@ def cpu_by_process(pid: int) -> dict[str, float]:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
             name = Path(argv[0].decode(errors="replace")).name
-            if name.startswith("python"):
+            if name.startswith("python") and b"-m" in argv:
+                name = argv[argv.index(b"-m") + 1].decode(errors="replace")  # e.g. genq.worker.tools.child
+            elif name.startswith("python"):
                 rest = [a.decode(errors="replace") for a in argv[1:] if a and not a.startswith(b"-")]
                 name = Path(rest[0]).stem if rest else name
                 name += f" {rest[1]}" if len(rest) > 1 and name in ("_servers", "celery", "genq") else ""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ADMIN, median, start_genq, workdir  # noqa: E402
+from _common import ADMIN, _tree, cpu_by_process, median, start_genq, workdir  # noqa: E402
 
 BARE = r"""
 import json, sys, time, torch
@@ -40,9 +41,10 @@ print(json.dumps({"seconds": time.perf_counter() - t0}))
 """
 
 
-def run_bare(model: Path, jobs: int, steps: int, size: int, work: Path) -> float:
+def run_bare(model: Path, jobs: int, steps: int, size: int, work: Path, cpus: set[int] | None = None) -> float:
     out = subprocess.run([sys.executable, "-c", BARE, str(model), str(jobs), str(steps), str(size)],
-                         capture_output=True, text=True, cwd=work, timeout=1800)
+                         capture_output=True, text=True, cwd=work, timeout=1800,
+                         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
@@ -83,11 +85,14 @@ async def run_genq(server, jobs: int, steps: int, size: int) -> float:
             job = await get(job_id)
             assert job["status"] == "succeeded", job
             done.append(job)
-        BREAKDOWN.append(breakdown(done))
+        BREAKDOWN.append({**breakdown(done), "first": 1000 * (min(_ts(j["completed_at"]) for j in done) - t0)})
         return elapsed
 
 
 BREAKDOWN: list[dict[str, float]] = []
+#: Per genq round: CPU ms per job of each process of genq's tree (the tool's, the API and
+#: worker loop's, nats-server's). The client (this process) is not in it.
+CPU: list[dict[str, float]] = []
 
 
 def _ts(v: str) -> float:
@@ -106,7 +111,22 @@ def breakdown(jobs: list[dict]) -> dict[str, float]:
     done = sorted(_ts(j["completed_at"]) for j in jobs)
     cycle = [1000 * (b - a) for a, b in zip(done, done[1:])]
     running = [1000 * (_ts(j["completed_at"]) - _ts(j["started_at"])) for j in jobs]
-    return {"pipeline": median(pipeline), "cycle": median(cycle), "running": median(running)}
+    return {"pipeline": median(pipeline), "cycle": median(cycle), "running": median(running),
+            "pipeline_mean": sum(pipeline) / len(pipeline), "cycle_mean": sum(cycle) / len(cycle),
+            "cycle_p99": sorted(cycle)[int(0.99 * (len(cycle) - 1))], "cycle_max": max(cycle),
+            "cycles_over_2x": sum(1 for c in cycle if c > 2 * median(cycle))}
+
+
+def pin(server_pid: int, tool_cpus: set[int], other_cpus: set[int]) -> None:
+    """genq's tool process(es) on ``tool_cpus``, the rest of its tree (the API and worker
+    loop, nats-server) on ``other_cpus``; every thread of each."""
+    for pid in _tree(server_pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(tid), tool_cpus if b"genq.worker.tools.child" in cmd else other_cpus)
+        except OSError:
+            pass
 
 
 def main() -> None:
@@ -115,6 +135,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--pin", action="store_true",
+                    help="the pipeline (bare loop; genq's tool process) on the last CPU, everything else on the others")
     a = ap.parse_args()
     from genq.worker.tools.tiny_models import write_text_to_image
 
@@ -124,10 +146,24 @@ def main() -> None:
                              "maxQueued": 100_000, "options": {"device": "cpu", "dtype": "float32", "threads": 1}}]}
         server = start_genq(work, config)
         bare_s, genq_s = [], []
+        cpus = sorted(os.sched_getaffinity(0))
+        tool_cpus, other_cpus = ({cpus[-1]}, set(cpus[:-1])) if a.pin and len(cpus) > 1 else (None, None)
+        if other_cpus:
+            os.sched_setaffinity(0, other_cpus)
         try:
             for r in range(a.rounds):
-                bare_s.append(run_bare(model, a.jobs, a.steps, a.size, work))
-                genq_s.append(asyncio.run(run_genq(server, a.jobs, a.steps, a.size)))
+                # Odd rounds run genq first: whichever runs second does not always get the
+                # machine a few seconds later (its speed drifts).
+                for side in ("bare", "genq") if r % 2 == 0 else ("genq", "bare"):
+                    if side == "bare":
+                        bare_s.append(run_bare(model, a.jobs, a.steps, a.size, work, tool_cpus))
+                        continue
+                    if tool_cpus:
+                        pin(server.pid, tool_cpus, other_cpus)
+                    before = cpu_by_process(server.pid)
+                    genq_s.append(asyncio.run(run_genq(server, a.jobs, a.steps, a.size)))
+                    CPU.append({name: (sec - before.get(name, 0.0)) / a.jobs * 1e3
+                                for name, sec in cpu_by_process(server.pid).items()})
                 print(f"  round {r + 1}: bare {a.jobs / bare_s[-1]:6.2f} jobs/s   genq {a.jobs / genq_s[-1]:6.2f} jobs/s   "
                       f"ratio {bare_s[-1] / genq_s[-1]:.3f}", flush=True)
         finally:
@@ -144,6 +180,13 @@ def main() -> None:
         print(f"  genq per job (last round, medians): pipeline call {last['pipeline']:.1f} ms, cycle "
               f"{last['cycle']:.1f} ms (completion to completion; {last['cycle'] - last['pipeline']:+.1f} ms beyond "
               f"the call), started -> completed {last['running']:.1f} ms")
+        print(f"  genq per job (last round, means): pipeline call {last['pipeline_mean']:.1f} ms, cycle "
+              f"{last['cycle_mean']:.1f} ms (p99 {last['cycle_p99']:.1f}, max {last['cycle_max']:.1f}, "
+              f"{last['cycles_over_2x']} over twice the median); first submit -> first completion {last['first']:.1f} ms")
+    if CPU:
+        names = sorted({n for c in CPU for n in c}, key=lambda n: -median([c.get(n, 0.0) for c in CPU]))
+        print("  genq CPU per job by process (medians of the rounds): " + ", ".join(
+            f"{n} {median([c.get(n, 0.0) for c in CPU]):.1f} ms" for n in names))
     print(f"ratio genq / bare = {ratio:.3f} (median of the rounds' ratios)   target >= 0.95: "
           f"{'MET' if ratio >= 0.95 else 'MISSED'}")
 

@@ -246,6 +246,23 @@ async def test_the_next_job_goes_to_the_process_during_the_last_ones_final_phase
     assert ts(jb["completed_at"]) >= ts(ja["started_at"]) + 1.5  # it ran after a, in the same process
 
 
+@pytest.mark.genq(tools={"echo": {"options": {"isolation": "process"}, "maxWorkers": 1}})
+async def test_every_job_of_a_run_hands_its_successor_over_early(live):
+    """Not every other one: the job before is still finishing (a tail) when a job starts,
+    and counting tails then kept every second job from handing over early (BENCHMARKS §4:
+    half of a tiny model's jobs waited for their successor's claim)."""
+    from test_api_flows import poll
+
+    async with live.client() as c:
+        ids = [(await c.post("/v1/jobs", json={"tool": "echo", "params": {"sleep": 0.2, "tail": 0.6, "text": f"r{i}"}})).json()["id"]
+               for i in range(4)]
+        jobs = [await poll(c, i) for i in ids]
+    assert all(j["status"] == "succeeded" for j in jobs)
+    for before, after in zip(jobs, jobs[1:]):
+        # handed over during the tail of the one before: started well before it completed
+        assert ts(after["started_at"]) < ts(before["completed_at"]) - 0.3, (before, after)
+
+
 def ts(v: str) -> float:
     from datetime import datetime
 

@@ -80,6 +80,14 @@ class CancelToken:
         return self._event.wait(timeout)
 
 
+def in_last_step(step: int | None, steps: int | None) -> bool:
+    """A progress report ``(fraction, step, steps)`` saying the tool has begun its last step
+    (step ``steps - 1`` done): what remains is one step and the decode. The worker pulls
+    the slot's next job and hands it over from here, so its claim and hand-over land
+    while the tool is still busy."""
+    return bool(steps) and step is not None and step >= steps - 1
+
+
 class Progress(Protocol):
     def __call__(self, fraction: float, step: int | None = None, steps: int | None = None) -> None: ...
 

@@ -19,8 +19,8 @@ The cost: each slot loads its own copy of the model (``concurrencyPerWorker: 2``
 the weights twice), and inputs and results cross a local socket (a few ms for a 10 MB
 PNG). Use ``isolation: thread`` to share one model between a worker's slots.
 
-Between two jobs: once a job reports its last step (only the decode is left), its slot
-sends the next job to the same child, which starts it the moment the last one ends; the
+Between two jobs: once a job begins its last step (``base.in_last_step``: one step and the
+decode left), its slot claims the next job and sends it to the same child, which starts it the moment the last one ends; the
 results cross raw (``pipelines.ImageFile``) and the worker encodes them beside the next
 job's compute.
 
@@ -47,7 +47,7 @@ import sys
 from typing import Any
 
 from genq.tools import ToolSpec
-from genq.worker.tools.base import Cancelled, Retry, ToolCall, ToolError, ToolResult
+from genq.worker.tools.base import Cancelled, Retry, ToolCall, ToolError, ToolResult, in_last_step
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,6 @@ def isolation_of(spec: ToolSpec) -> str:
 def frame(obj: Any) -> bytes:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     return HEADER.pack(len(data)) + data
-
-
-def last_step(step: int | None, steps: int | None) -> bool:
-    """A progress report saying the tool's last step is done (decode and output left)."""
-    return bool(steps) and step is not None and step >= steps
 
 
 class _Pending:
@@ -100,7 +95,7 @@ class _Child:
         self.pending: dict[str, _Pending] = {}
         #: Jobs given to this child by ``ProcessTool.arun`` and not yet returned.
         self.assigned = 0
-        #: The job the child is on has reported its last step.
+        #: The job the child is on has begun its last step (``in_last_step``).
         self.finishing = False
         self._loads = 0
         self._kill: asyncio.TimerHandle | None = None
@@ -169,7 +164,7 @@ class _Child:
                 if entry is None:
                     continue
                 if msg.get("op") == "progress":
-                    if last_step(*msg["args"][1:]):
+                    if in_last_step(*msg["args"][1:]):
                         self.finishing = True
                         self.owner.notify()
                     if entry.call is not None:
