@@ -19,10 +19,10 @@ The cost: each slot loads its own copy of the model (``concurrencyPerWorker: 2``
 the weights twice), and inputs and results cross a local socket (a few ms for a 10 MB
 PNG). Use ``isolation: thread`` to share one model between a worker's slots.
 
-Between two jobs: once a job begins its last step (``base.in_last_step``: one step and the
-decode left), its slot claims the next job and sends it to the same child, which starts it the moment the last one ends; the
-results cross raw (``pipelines.ImageFile``) and the worker encodes them beside the next
-job's compute.
+Between two jobs: once a job begins its last step (``base.in_last_step``: one step and
+the decode left), its slot claims the next job and sends it to the same child, which
+starts it the moment the last one ends; the results cross raw (``pipelines.ImageFile``)
+and the worker encodes them beside the next job's compute.
 
 Protocol: length-prefixed pickle frames over a socketpair; the parent speaks first
 (``init`` with the ToolSpec), then ``load``/``run``/``cancel``/``stop``; the child answers
