@@ -355,3 +355,28 @@ async def test_apiserver_outage_is_unavailable_then_recovers(store, other, contr
     await store.ping()
     # The other store's watch came back by itself.
     await eventually(lambda: _version_at_least(other, moved), timeout=30)
+
+
+async def test_a_store_opened_while_the_apiserver_is_down_waits_for_it(control_plane, ns):  # noqa: F811
+    """A pod starting during an apiserver outage (or while a restarted apiserver still
+    answers 429) waits for it instead of exiting into a crash-loop back-off (CI: the
+    operator restarted after an outage exited 1 on a 429 from its first ToolPool list)."""
+    import threading
+
+    control_plane.stop_process("kube-apiserver")
+    back = threading.Thread(target=lambda: (time.sleep(3), control_plane.start_process("kube-apiserver")))
+    try:
+        back.start()
+        t0 = time.monotonic()
+        store = await asyncio.wait_for(_open(control_plane, ns), 90)
+        waited = time.monotonic() - t0
+    finally:
+        back.join()
+        if control_plane.processes["kube-apiserver"].poll() is not None:
+            control_plane.start_process("kube-apiserver")
+    try:
+        assert waited >= 2.5, f"opened in {waited:.1f} s, before the apiserver was back"
+        job = await store.create(new_job())
+        assert (await store.get(job.id)).status == Status.QUEUED
+    finally:
+        await store.close()

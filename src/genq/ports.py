@@ -27,6 +27,30 @@ class StorageFull(PortError):
     """The backing storage has no room left (disk full, quota)."""
 
 
+#: How long a process starting up waits for a backing service that answers ``Unavailable``.
+STARTUP_WAIT_SECONDS = 60.0
+
+
+async def until_available(fn: Callable[[], Any], what: str, *, seconds: float = STARTUP_WAIT_SECONDS) -> Any:
+    """``await fn()``, again after a growing pause while it raises ``Unavailable``, for up
+    to ``seconds``; then the last error. For start-up reads: a kube-apiserver that was just
+    restarted answers 429 or refuses connections for a few seconds, and a pod that exits
+    on that only adds a crash-loop back-off to the outage."""
+    import logging
+
+    from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+    log = logging.getLogger(__name__)
+
+    def report(state: Any) -> None:
+        log.warning("%s unavailable at start-up (%s); trying again", what, state.outcome.exception())
+
+    async for attempt in AsyncRetrying(retry=retry_if_exception_type(Unavailable), stop=stop_after_delay(seconds),
+                                       wait=wait_exponential(multiplier=0.2, max=5.0), before_sleep=report, reraise=True):
+        with attempt:
+            return await fn()
+
+
 @dataclass(frozen=True)
 class JobFilter:
     owner: str | None = None

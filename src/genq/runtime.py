@@ -14,7 +14,7 @@ from pathlib import Path
 
 from genq import constants
 from genq.metrics import Metrics
-from genq.ports import BlobStore, Bus, JobStore, KeyStore
+from genq.ports import BlobStore, Bus, JobStore, KeyStore, until_available
 from genq.settings import Settings
 from genq.tools import Registry, ToolSpec
 
@@ -35,7 +35,7 @@ class Runtime:
     async def open(self) -> None:
         await self.store.open()
         if self.tool_source is not None:
-            await self.tool_source.load()
+            await until_available(self.tool_source.load, "kube-apiserver (ToolPools)")
         await self.blobs.open()
         await self.bus.connect()
         for spec in self.registry:

@@ -63,7 +63,7 @@ from sortedcontainers import SortedList
 
 from genq import constants
 from genq.models import ApiKey, FileRef, Job, Priority, Status, cas_allows
-from genq.ports import JobFilter, Page, StorageFull, ToolCounts, Unavailable
+from genq.ports import JobFilter, Page, StorageFull, ToolCounts, Unavailable, until_available
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +427,7 @@ class KubernetesStore:
         self._objects = k8s_client.CustomObjectsApi(self._api)
         self._core = k8s_client.CoreV1Api(self._api)
         self._leases = k8s_client.CoordinationV1Api(self._api)
-        await self._relist()
+        await until_available(self._relist, "kube-apiserver (GenerationJobs)")
         self._watch_task = asyncio.create_task(self._watch(), name=f"genq-watch-{self.namespace}")
 
     async def close(self) -> None:
