@@ -83,6 +83,7 @@ class Proc:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Proc:
+        self.started_at = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.args, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
@@ -103,6 +104,12 @@ class Proc:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+    def output(self) -> str:
+        """What this process wrote since its last start (the log is kept across restarts)."""
+        with open(self.log, "rb") as f:
+            f.seek(self.started_at)
+            return f.read().decode(errors="replace")
 
     def tail(self, lines: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
@@ -356,7 +363,8 @@ def test_operator_exits_promptly_on_sigterm(cluster):
     c = cluster
     c.ensure_operator()
     op = c.procs["operator"]
-    eventually(lambda: "leads; starting the handlers" in op.log.read_text(errors="replace"), 60, "the operator to lead")
+    # This start's own output: after a restart the log still holds the last one's "leads".
+    eventually(lambda: "leads; starting the handlers" in op.output(), 60, "the operator to lead")
     t0 = time.monotonic()
     os.kill(op.proc.pid, signal.SIGTERM)
     op.proc.wait(30)
