@@ -22,6 +22,7 @@ the API, the worker and the housekeeping loop alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import functools
 import itertools
@@ -37,7 +38,7 @@ from typing import Any, TypeVar
 from sortedcontainers import SortedList
 
 from genq.models import ApiKey, FileRef, Job, Priority, Status, cas_allows
-from genq.ports import JobFilter, Page, StorageFull, ToolCounts, Unavailable
+from genq.ports import JobFilter, Page, PortError, StorageFull, ToolCounts, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +268,8 @@ class SQLiteStore:
         self._last_sync = 0.0
         self._notes: dict[str, int] = {}
         self._notes_task: asyncio.Task[None] | None = None
+        #: The open transaction this loop iteration's writes join (``_write_grouped``).
+        self._group: asyncio.Future[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     async def open(self) -> None:
@@ -305,6 +308,8 @@ class SQLiteStore:
             await asyncio.gather(task, return_exceptions=True)
         if self._notes and self._db is not None:
             await self._write_notes()
+        if self._group is not None:
+            self._commit_group()
         db, self._db = self._db, None
         if self._checkpointer is not None:
             self._checkpointer.stop()
@@ -332,8 +337,8 @@ class SQLiteStore:
         """``fn(connection, *args)`` on this thread. Refused with SQLITE_BUSY (another
         process holds the write lock), it is tried again after a pause, up to
         ``BUSY_TIMEOUT``: the loop serves other requests meanwhile, where SQLite's busy
-        timeout would hold the whole thread. ``fn`` is one statement in autocommit mode,
-        or a read-check-write that is safe to repeat (the compare-and-set)."""
+        timeout would hold the whole thread. For reads and the start-up scripts; writes go
+        through ``_write_grouped``."""
         deadline: float | None = None
         pauses = itertools.chain(_BUSY_BACKOFF, itertools.repeat(_BUSY_BACKOFF[-1]))
         while True:
@@ -351,7 +356,83 @@ class SQLiteStore:
             await asyncio.sleep(next(pauses))
 
     async def _write(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        return await self._run(_fetch, sql, tuple(args))
+        return await self._write_grouped(_fetch, sql, tuple(args))
+
+    async def _write_grouped(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(connection, *args)`` in the transaction every write of this loop iteration
+        shares, committed in one go at the next iteration; returns once that commit is
+        done, so a caller still publishes or answers only what is on disk.
+
+        Group commit: the submits and compare-and-sets in flight together cost one commit
+        instead of one each. An INSERT with its own commit wrote 10 pages (the row and its
+        9 indexes, 40 KB) to the WAL; sixteen in one transaction share their pages, 5 KB
+        each, and take 31 µs instead of 70 (BENCHMARKS.md §5). Each ``fn`` runs inside a
+        savepoint: one that fails leaves the others' writes alone. A refused BEGIN (another
+        process holds the write lock) is tried again after an async pause, as in ``_run``."""
+        conn = self._conn
+        pauses = itertools.chain(_BUSY_BACKOFF, itertools.repeat(_BUSY_BACKOFF[-1]))
+        deadline: float | None = None
+        while self._group is None:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                if _is_full(e):
+                    raise StorageFull(str(e)) from e
+                if not _is_busy(e):
+                    raise
+                now = time.monotonic()
+                deadline = deadline or now + BUSY_TIMEOUT
+                if now >= deadline:
+                    raise
+                await asyncio.sleep(next(pauses))
+                conn = self._conn
+                continue
+            loop = asyncio.get_running_loop()
+            self._group = loop.create_future()
+            loop.call_soon(self._commit_group)
+        group = self._group
+        conn.execute("SAVEPOINT genq_write")
+        try:
+            result = fn(conn, *args)
+        except BaseException as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK TO genq_write")
+                conn.execute("RELEASE genq_write")
+            elif self._group is group:
+                # SQLite rolled the whole transaction back (a full disk, an I/O error): the
+                # writes that joined it before this one are gone too, and hear so.
+                self._group = None
+                if not group.done():
+                    group.set_exception(_port_error(e) if isinstance(e, sqlite3.Error) else e)
+                    group.exception()
+            if isinstance(e, sqlite3.OperationalError) and _is_full(e):
+                raise StorageFull(str(e)) from e
+            raise
+        conn.execute("RELEASE genq_write")
+        await asyncio.shield(group)
+        return result
+
+    def _commit_group(self) -> None:
+        group, self._group = self._group, None
+        if group is None:
+            return
+        db = self._db
+        try:
+            if db is None:
+                raise Unavailable("job store is closed")
+            db.execute("COMMIT")
+        except Exception as e:
+            if db is not None and db.in_transaction:
+                with contextlib.suppress(Exception):
+                    db.execute("ROLLBACK")
+            if isinstance(e, sqlite3.Error):
+                e = _port_error(e)
+            if not group.done():
+                group.set_exception(e)
+                group.exception()  # retrieved: a waiter that was cancelled leaves no warning
+            return
+        if not group.done():
+            group.set_result(None)
 
     async def _rows(self, sql: str, args: Iterable[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         return await self._run(_fetch, sql, args if isinstance(args, dict) else tuple(args))
@@ -451,7 +532,7 @@ class SQLiteStore:
         if bad:
             raise ValueError(f"cannot change {sorted(bad)}")
         # Read, check and write with no await between them.
-        return self._note(await self._run(_cas, job_id, expect, version, guard, requeue, changes))
+        return self._note(await self._write_grouped(_cas, job_id, expect, version, guard, requeue, changes))
 
     def note_stream_seq(self, job_id: str, seq: int) -> None:
         """Record where a just-published, still queued job sits in the stream, a moment
@@ -473,7 +554,7 @@ class SQLiteStore:
     async def _write_notes(self) -> None:
         notes, self._notes = self._notes, {}
         try:
-            await self._run(_write_stream_seqs, list(notes.items()))
+            await self._write_grouped(_write_stream_seqs, list(notes.items()))
         except Exception as e:
             log.warning("could not record the stream position of %d job(s) (%s); housekeeping republishes them",
                         len(notes), e)
@@ -594,7 +675,7 @@ class SQLiteStore:
             rows = conn.execute("SELECT body_hash, job_id FROM idempotency WHERE owner = ? AND key = ?", (owner, key)).fetchall()
             return rows[0]["body_hash"], rows[0]["job_id"]
 
-        return await self._run(put)
+        return await self._write_grouped(put)
 
     async def idempotency_delete(self, owner: str, key: str, job_id: str) -> None:
         await self._write("DELETE FROM idempotency WHERE owner = ? AND key = ? AND job_id = ?", (owner, key, job_id))
@@ -677,20 +758,13 @@ def _cas_sets_for(fields: tuple[str, ...], requeue: bool) -> tuple[str, tuple[tu
 
 
 def _write_stream_seqs(conn: sqlite3.Connection, notes: list[tuple[str, int]]) -> None:
-    """One transaction for many jobs' stream positions (written as a compare-and-set would:
-    version and revision bumped). Safe to run again after SQLITE_BUSY."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.executemany(
-            f"UPDATE jobs SET stream_seq = ?, version = version + 1, rev = {_NEXT_REV} "
-            "WHERE id = ? AND status = 'queued' AND stream_seq IS NULL",
-            [(seq, job_id) for job_id, seq in notes],
-        )
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+    """Many jobs' stream positions in one write (as a compare-and-set would: version and
+    revision bumped)."""
+    conn.executemany(
+        f"UPDATE jobs SET stream_seq = ?, version = version + 1, rev = {_NEXT_REV} "
+        "WHERE id = ? AND status = 'queued' AND stream_seq IS NULL",
+        [(seq, job_id) for job_id, seq in notes],
+    )
 
 
 def _fetch(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...] | dict[str, Any]) -> list[sqlite3.Row]:
@@ -715,6 +789,13 @@ def _is_busy(e: sqlite3.OperationalError) -> bool:
     if code is not None:
         return code & 0xFF == sqlite3.SQLITE_BUSY
     return "database is locked" in str(e)  # pragma: no cover - Python always sets the code
+
+
+def _port_error(e: sqlite3.Error) -> PortError:
+    """A failed transaction as the store's callers know failures: full, or unavailable."""
+    if isinstance(e, sqlite3.OperationalError) and _is_full(e):
+        return StorageFull(str(e))
+    return Unavailable(f"job store: the transaction failed: {e}")
 
 
 def _is_full(e: sqlite3.OperationalError) -> bool:
