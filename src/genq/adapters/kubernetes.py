@@ -427,7 +427,13 @@ class KubernetesStore:
         self._objects = k8s_client.CustomObjectsApi(self._api)
         self._core = k8s_client.CoreV1Api(self._api)
         self._leases = k8s_client.CoordinationV1Api(self._api)
-        await until_available(self._relist, "kube-apiserver (GenerationJobs)")
+        try:
+            await until_available(self._relist, "kube-apiserver (GenerationJobs)")
+        except BaseException:  # gave up (or cancelled): nothing half-open is left behind
+            api, self._api = self._api, None
+            self._objects = self._core = self._leases = None
+            await api.close()
+            raise
         self._watch_task = asyncio.create_task(self._watch(), name=f"genq-watch-{self.namespace}")
 
     async def close(self) -> None:
