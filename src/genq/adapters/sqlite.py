@@ -368,28 +368,19 @@ class SQLiteStore:
         9 indexes, 40 KB) to the WAL; sixteen in one transaction share their pages, 5 KB
         each, and take 31 µs instead of 70 (BENCHMARKS.md §5). Each ``fn`` runs inside a
         savepoint: one that fails leaves the others' writes alone. A refused BEGIN (another
-        process holds the write lock) is tried again after an async pause, as in ``_run``."""
-        conn = self._conn
-        pauses = itertools.chain(_BUSY_BACKOFF, itertools.repeat(_BUSY_BACKOFF[-1]))
-        deadline: float | None = None
-        while self._group is None:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as e:
-                if _is_full(e):
-                    raise StorageFull(str(e)) from e
-                if not _is_busy(e):
-                    raise
-                now = time.monotonic()
-                deadline = deadline or now + BUSY_TIMEOUT
-                if now >= deadline:
-                    raise
-                await asyncio.sleep(next(pauses))
-                conn = self._conn
-                continue
+        process holds the write lock) is tried again by ``_run``, after an async pause."""
+
+        def begin(conn: sqlite3.Connection) -> bool:
+            if self._group is not None:  # another write opened it while this one waited
+                return False
+            conn.execute("BEGIN IMMEDIATE")
+            return True
+
+        if await self._run(begin):
             loop = asyncio.get_running_loop()
             self._group = loop.create_future()
             loop.call_soon(self._commit_group)
+        conn = self._conn
         group = self._group
         conn.execute("SAVEPOINT genq_write")
         try:
