@@ -57,7 +57,9 @@ class RateLimiter:
         reset = max(0, int(stats.reset_time - time.time()) + 1)
         headers = {
             "RateLimit-Limit": str(item.amount),
-            "RateLimit-Remaining": str(max(0, stats.remaining)),
+            # Refused means none left now; the window read after the refusal can already
+            # have slid past an old hit (CI saw a 429 saying 1 remaining).
+            "RateLimit-Remaining": str(max(0, stats.remaining)) if allowed else "0",
             "RateLimit-Reset": str(reset),
         }
         if not allowed:
