@@ -111,3 +111,63 @@ async def test_rate_limit_holds_under_50_concurrent_clients(server):
     assert abs(inside - expected) <= 0.10 * expected, (
         f"{inside} requests accepted in {WINDOW:.0f}s at a configured {RATE}/s: more than 10% off {expected:.0f}")
     assert accepted <= expected * 1.10 + RATE, f"{accepted} accepted in all"
+
+
+async def test_the_window_storage_answers_as_the_library_does(monkeypatch):
+    """``WindowStorage`` (a deque per key) against ``limits``' own in-memory storage, both under
+    the library's moving-window strategy: the same verdict and the same window numbers for
+    every hit of a random run over several keys, limits, costs and gaps (a clock the test
+    moves, so the two see the same instants)."""
+    import random
+
+    from limits import parse
+    from limits.aio.storage import MemoryStorage
+    from limits.aio.strategies import MovingWindowRateLimiter
+
+    from genq.api.auth import WindowStorage
+
+    now = [1_700_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    ours, theirs = MovingWindowRateLimiter(WindowStorage()), MovingWindowRateLimiter(MemoryStorage())
+    items = [parse("5/10 seconds"), parse("3/second"), parse("20/minute")]
+    rng = random.Random(7)
+    allowed = refused = 0
+    for _ in range(3000):
+        now[0] += rng.choice([0.0, 0.0, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 5.0])
+        item, key, cost = rng.choice(items), rng.choice("abc"), rng.choice([1, 1, 1, 2, 4])
+        verdict = await ours.hit(item, key, cost=cost)
+        assert verdict == await theirs.hit(item, key, cost=cost), (item, key, cost, now[0])
+        allowed += verdict
+        refused += not verdict
+        a, b = await ours.get_window_stats(item, key), await theirs.get_window_stats(item, key)
+        assert a.remaining == b.remaining, (item, key, a, b)
+        if b.remaining < item.amount:  # an empty window has no oldest hit; the reset is "now"
+            assert a.reset_time == b.reset_time, (item, key, a, b)
+    assert allowed > 600 and refused > 600, (allowed, refused)  # both sides of the limit were exercised
+
+
+async def test_the_window_storage_keeps_no_more_than_the_window(monkeypatch):
+    """A hit costs the same at any limit: the window holds the hits of its period and no
+    more, and a key whose window emptied is dropped by the next sweep."""
+    from limits import parse
+    from limits.aio.strategies import MovingWindowRateLimiter
+
+    from genq.api.auth import WindowStorage
+
+    now = [1_700_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    storage = WindowStorage()
+    limiter = MovingWindowRateLimiter(storage)
+    busy, once = parse("100000/minute"), parse("10/minute")
+    assert await limiter.hit(once, "idle")
+    for _ in range(120_000):  # 1,000 a second for two minutes: the window slides
+        now[0] += 0.001
+        assert await limiter.hit(busy, "busy")
+    [hits] = [h for k, (h, _) in storage._windows.items() if "/busy/" in k]
+    assert 59_900 <= len(hits) <= 60_010, len(hits)  # the last minute's hits only
+    now[0] += 30
+    assert await limiter.hit(busy, "busy")
+    assert 29_900 <= len(hits) <= 30_010, len(hits)  # half a minute of them left the front
+    now[0] += storage.SWEEP_SECONDS
+    assert await limiter.hit(busy, "busy")
+    assert not any("/idle/" in k for k in storage._windows), "an emptied key outlived the sweep"
