@@ -391,3 +391,49 @@ async def test_writes_in_flight_together_share_one_commit(tmp_path):
             other.close()
     finally:
         await store.close()
+
+
+async def test_a_compare_and_set_on_a_job_just_seen_reads_no_row_and_a_stale_guess_is_not_trusted(store, tmp_path):
+    """A worker's claim and finish write a job its process just read or wrote: the
+    compare-and-set tries that state first, with no SELECT. Another process's write in
+    between (its own connection here) makes the guess stale: then the row decides, and
+    nothing the other process wrote is lost, columns or JSON fields."""
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)
+    job = await store.create(new_job())
+    seen = await store.get(job.id)
+    statements.clear()
+    started = await store.transition(job.id, [Status.QUEUED], guard=lambda j: j.attempts == 0,
+                                     status=Status.RUNNING, attempts=1, worker="w1")
+    assert started is not None and started.version == seen.version + 1
+    done = await store.transition(job.id, [Status.RUNNING], guard=lambda j: j.worker == "w1",
+                                  status=Status.SUCCEEDED, result_meta={"seed": 1})
+    assert done is not None and done.status is Status.SUCCEEDED
+    assert not [s for s in statements if s.lstrip().upper().startswith("SELECT")], statements
+    assert (await store.get(job.id)) == done
+
+    other = SQLiteStore(tmp_path / "genq.db")  # a second process's connection
+    await other.open()
+    try:
+        job = await store.create(new_job())
+        assert await store.get(job.id) is not None
+        # The other process moves the job on: a column, a JSON field, the version.
+        moved = await other.transition(job.id, [Status.QUEUED], status=Status.RUNNING, attempts=1, worker="w2",
+                                       error={"code": "x", "message": "kept"})
+        assert moved is not None
+        statements.clear()
+        # This process's guess says queued: a claim expecting queued passes on the guess,
+        # misses on the row's version, and loses on the row.
+        assert await store.transition(job.id, [Status.QUEUED], status=Status.RUNNING, worker="w1") is None
+        # Expecting running, the guess fails the check: the row is read and decides.
+        after = await store.transition(job.id, [Status.RUNNING], progress=0.5)
+        assert after is not None and after.worker == "w2" and after.progress == 0.5
+        assert after.error == {"code": "x", "message": "kept"} and after.version == moved.version + 1
+        # The guess matches the check but not the row's version: the UPDATE misses, the row decides.
+        await other.update(job.id, heartbeat_at=123.0)
+        final = await store.update(job.id, result_meta={"seed": 9})
+        row = await other.get(job.id)
+        assert final == row and row.heartbeat_at == 123.0 and row.progress == 0.5 and row.error["message"] == "kept"
+        assert sum(s.lstrip().upper().startswith("SELECT") for s in statements) >= 3
+    finally:
+        await other.close()

@@ -46,6 +46,9 @@ T = TypeVar("T")
 
 #: Longest a write by another process may take to show in positions and queue counts.
 SYNC_INTERVAL = 0.05
+#: Jobs whose last committed state a store keeps as its compare-and-set's first guess
+#: (``SQLiteStore._remember``): more than the jobs a process has in flight at once.
+RECENT_JOBS = 4096
 #: How long the stream positions of just-published jobs (:meth:`SQLiteStore.note_stream_seq`)
 #: wait to be written together, in one transaction.
 NOTE_DELAY = 0.05
@@ -270,6 +273,8 @@ class SQLiteStore:
         self._notes_task: asyncio.Task[None] | None = None
         #: The open transaction this loop iteration's writes join (``_write_grouped``).
         self._group: asyncio.Future[None] | None = None
+        #: The last committed state seen of recent jobs, oldest first (``_remember``).
+        self._recent: dict[str, Job] = {}
 
     # -- lifecycle -------------------------------------------------------------------
     async def open(self) -> None:
@@ -429,11 +434,22 @@ class SQLiteStore:
         return await self._run(_fetch, sql, args if isinstance(args, dict) else tuple(args))
 
     def _note(self, job: Job | None) -> Job | None:
-        """Apply this process's own write to the index at once (rows read by a later sync
-        are applied again, harmlessly: a row only ever shows its latest state)."""
+        """Apply this process's own write, committed, to the index at once (rows read by a
+        later sync are applied again, harmlessly: a row only ever shows its latest state)."""
         if job is not None:
             self._index.apply(job.id, job.tool, job.status.value, job.priority.rank, job.seq)
+            self._remember(job)
         return job
+
+    def _remember(self, job: Job) -> None:
+        """Keep ``job`` as the compare-and-set's first guess of its row (``_cas``). Only
+        committed states: every write bumps the version, so a committed (id, version) is
+        one row content forever, where a state a rolled-back transaction showed is not."""
+        recent = self._recent
+        recent.pop(job.id, None)
+        recent[job.id] = job
+        if len(recent) > RECENT_JOBS:
+            del recent[next(iter(recent))]
 
     async def _sync(self, full: bool = False) -> None:
         """Bring the dispatch-order index up to date with writes by other processes.
@@ -490,7 +506,12 @@ class SQLiteStore:
 
     async def get(self, job_id: str, *, fresh: bool = False) -> Job | None:
         rows = await self._rows("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        return _row_to_job(rows[0]) if rows else None
+        if not rows:
+            return None
+        job = _row_to_job(rows[0])
+        if self._group is None:  # else the read may show this connection's uncommitted writes
+            self._remember(job)
+        return job
 
     async def transition(
         self,
@@ -523,7 +544,8 @@ class SQLiteStore:
         if bad:
             raise ValueError(f"cannot change {sorted(bad)}")
         # Read, check and write with no await between them.
-        return self._note(await self._write_grouped(_cas, job_id, expect, version, guard, requeue, changes))
+        return self._note(await self._write_grouped(
+            _cas, job_id, expect, version, guard, requeue, changes, self._recent.get(job_id)))
 
     def note_stream_seq(self, job_id: str, seq: int) -> None:
         """Record where a just-published, still queued job sits in the stream, a moment
@@ -551,6 +573,7 @@ class SQLiteStore:
                         len(notes), e)
 
     async def delete(self, job_id: str) -> None:
+        self._recent.pop(job_id, None)
         await self._write("DELETE FROM jobs WHERE id = ?", (job_id,))
         async with self._sync_lock:
             self._index.forget(job_id)
@@ -840,17 +863,28 @@ def _cas(
     guard: Callable[[Job], bool] | None,
     requeue: bool,
     changes: dict[str, Any],
+    known: Job | None = None,
 ) -> Job | None:
     """Compare-and-set. The ``version = ?`` in the UPDATE keeps it atomic against writers
     in other processes; on a lost race the row is read afresh and the expectation checked
-    again. Safe to run again from the start when SQLite answers SQLITE_BUSY."""
-    for _ in range(5):
-        # fetchall, not fetchone: a statement stepped to its end is reset at once, so an
-        # UPDATE ... RETURNING commits here and not whenever its cursor is collected.
-        rows = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchall()
-        if not rows:
-            return None
-        current = _row_to_job(rows[0])
+    again. Safe to run again from the start when SQLite answers SQLITE_BUSY.
+
+    ``known``, a committed state of the job seen lately, is tried first without reading
+    the row: the UPDATE's ``version = ?`` confirms it is still the row's, and on a miss
+    the row is read as usual. A worker's claim and finish write a job this process just
+    read or wrote: each saves a SELECT and a row parse."""
+    for i in range(6):
+        if i == 0:
+            if known is None or not cas_allows(known, expect, version, guard):
+                continue  # decided on the row itself, never on a guess
+            current = known
+        else:
+            # fetchall, not fetchone: a statement stepped to its end is reset at once, so
+            # an UPDATE ... RETURNING commits here and not whenever its cursor is collected.
+            rows = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchall()
+            if not rows:
+                return None
+            current = _row_to_job(rows[0])
         if not cas_allows(current, expect, version, guard):
             return None
         # The row after the write is the one read with ``changes`` applied and the version
