@@ -33,12 +33,19 @@ path, jobs, steps, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(s
 pipe = AutoPipelineForText2Image.from_pretrained(path)
 pipe.set_progress_bar_config(disable=True)
 pipe("warm up", width=size, height=size, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
+calls = []
 t0 = time.perf_counter()
 for i in range(jobs):
+    t1 = time.perf_counter()
     image = pipe(f"prompt {i}", width=size, height=size, num_inference_steps=steps,
                  generator=torch.Generator().manual_seed(i)).images[0]
-print(json.dumps({"seconds": time.perf_counter() - t0}))
+    calls.append(time.perf_counter() - t1)
+print(json.dumps({"seconds": time.perf_counter() - t0, "calls": calls}))
 """
+
+
+#: Per bare round: the pipeline calls' median and mean (ms), beside genq's BREAKDOWN.
+BARE_CALLS: list[dict[str, float]] = []
 
 
 def run_bare(model: Path, jobs: int, steps: int, size: int, work: Path, cpus: set[int] | None = None) -> float:
@@ -47,7 +54,11 @@ def run_bare(model: Path, jobs: int, steps: int, size: int, work: Path, cpus: se
                          preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    calls = [1000 * c for c in res["calls"]]
+    BARE_CALLS.append({"median": median(calls), "mean": sum(calls) / len(calls),
+                       "p99": sorted(calls)[int(0.99 * (len(calls) - 1))], "max": max(calls)})
+    return res["seconds"]
 
 
 async def run_genq(server, jobs: int, steps: int, size: int) -> float:
@@ -113,6 +124,7 @@ def breakdown(jobs: list[dict]) -> dict[str, float]:
     running = [1000 * (_ts(j["completed_at"]) - _ts(j["started_at"])) for j in jobs]
     return {"pipeline": median(pipeline), "cycle": median(cycle), "running": median(running),
             "pipeline_mean": sum(pipeline) / len(pipeline), "cycle_mean": sum(cycle) / len(cycle),
+            "pipeline_p99": sorted(pipeline)[int(0.99 * (len(pipeline) - 1))],
             "cycle_p99": sorted(cycle)[int(0.99 * (len(cycle) - 1))], "cycle_max": max(cycle),
             "cycles_over_2x": sum(1 for c in cycle if c > 2 * median(cycle))}
 
@@ -183,6 +195,9 @@ def main() -> None:
         print(f"  genq per job (last round, means): pipeline call {last['pipeline_mean']:.1f} ms, cycle "
               f"{last['cycle_mean']:.1f} ms (p99 {last['cycle_p99']:.1f}, max {last['cycle_max']:.1f}, "
               f"{last['cycles_over_2x']} over twice the median); first submit -> first completion {last['first']:.1f} ms")
+        print("  pipeline call per round, median / mean / p99 ms, bare | genq: " + "   ".join(
+            f"{b['median']:.1f}/{b['mean']:.1f}/{b['p99']:.1f} | {g['pipeline']:.1f}/{g['pipeline_mean']:.1f}/{g['pipeline_p99']:.1f}"
+            for b, g in zip(BARE_CALLS, BREAKDOWN)))
     if CPU:
         names = sorted({n for c in CPU for n in c}, key=lambda n: -median([c.get(n, 0.0) for c in CPU]))
         print("  genq CPU per job by process (medians of the rounds): " + ", ".join(

@@ -339,11 +339,16 @@ def seed_for(call: ToolCall) -> int:
     return int(call.seed) if call.seed is not None else secrets.randbelow(SEED_MAX + 1)
 
 
-def generators(seed: int, count: int) -> list[Any]:
+def generators(seed: int, count: int) -> Any:
     """One CPU generator per image, seeded ``seed + i``: the noise, and so the image, is the
-    same on every device, and image ``i`` of a batch can be remade alone with its own seed."""
+    same on every device, and image ``i`` of a batch can be remade alone with its own seed.
+
+    One image gets the generator itself, not a list of one: diffusers draws the same noise
+    from either (``randn_tensor`` draws a list's items one by one, each with the batch's
+    shape but 1), and the list costs a per-call split and ``torch.cat``."""
     torch = _torch()
-    return [torch.Generator("cpu").manual_seed((seed + i) & SEED_MAX) for i in range(count)]
+    made = [torch.Generator("cpu").manual_seed((seed + i) & SEED_MAX) for i in range(count)]
+    return made[0] if count == 1 else made
 
 
 # -- schedulers ---------------------------------------------------------------------------
