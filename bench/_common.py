@@ -103,7 +103,7 @@ def _spawn(args: list[str], log: Path, timeout: float = 60) -> tuple[subprocess.
 
 
 def start_genq(work: Path, config: dict[str, Any], *, settings: dict[str, Any] | None = None, stop_workers: str = "",
-               loop: str = "asyncio", profile: Path | None = None, name: str = "genq", tracemalloc: bool = False) -> Server:
+               loop: str = "auto", profile: Path | None = None, name: str = "genq", tracemalloc: bool = False) -> Server:
     data = work / f"{name}-data"
     port = free_port()
     args = ["genq", "--port", str(port), "--data-dir", str(data), "--config", json.dumps(config),
@@ -117,7 +117,7 @@ def start_genq(work: Path, config: dict[str, Any], *, settings: dict[str, Any] |
     return Server(proc, url, data, log)
 
 
-def start_bare(work: Path, *, loop: str = "asyncio", profile: Path | None = None) -> Server:
+def start_bare(work: Path, *, loop: str = "auto", profile: Path | None = None) -> Server:
     port = free_port()
     args = ["bare", "--port", str(port), "--loop", loop]
     if profile:

@@ -1,15 +1,15 @@
 """The two servers the benchmarks drive, each run as its own process:
 
     python bench/_servers.py genq --data-dir D --port P --config JSON [--settings JSON]
-                                  [--stop-workers a,b] [--loop asyncio|uvloop] [--profile OUT]
-    python bench/_servers.py bare --port P [--loop asyncio|uvloop] [--profile OUT]
+                                  [--stop-workers a,b] [--loop auto|asyncio|uvloop] [--profile OUT]
+    python bench/_servers.py bare --port P [--loop auto|asyncio|uvloop] [--profile OUT]
 
 ``genq`` is the real embedded stack (``genq.embedded.Embedded``: nats-server child
 process, SQLite, local blobs, a worker per tool, housekeeping) served by uvicorn exactly
 as ``genq up`` serves it. ``bare`` is a FastAPI app with one ``POST /v1/jobs`` that
 validates the same JSON body and answers 202 with a small JSON body. Both use the same
 uvicorn version, HTTP implementation (httptools) and event loop (``--loop``; default the
-stdlib asyncio loop, which is what ``genq up`` runs on). Both print ``READY <url>`` once
+one ``genq up`` picks: uvloop where installed). Both print ``READY <url>`` once
 listening and stop cleanly on SIGUSR1 (SIGTERM also stops them, abruptly).
 
 ``--profile OUT`` wraps the process in pyinstrument (main thread, wall-clock samples)
@@ -132,7 +132,8 @@ def main() -> None:
     p.add_argument("--config", default='{"tools": []}')
     p.add_argument("--settings", default="{}")
     p.add_argument("--stop-workers", default="")
-    p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                   help="auto: what genq up picks (GENQ_EVENT_LOOP's default, uvloop where installed)")
     p.add_argument("--profile")
     p.add_argument("--tracemalloc", action="store_true")
     args = p.parse_args()
@@ -146,12 +147,9 @@ def main() -> None:
         profiler = Profiler(interval=0.001, async_mode="disabled")
         profiler.start()
     try:
-        if args.loop == "uvloop":
-            import uvloop
+        from genq import eventloop
 
-            uvloop.run(coro)
-        else:
-            asyncio.run(coro)
+        eventloop.run(coro, args.loop)
     finally:
         if profiler is not None:
             profiler.stop()

@@ -81,8 +81,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=300)
-    p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
-                   help="server event loop (both servers); genq up uses asyncio")
+    p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                   help="server event loop (both servers); auto: what genq up picks, uvloop where installed")
     p.add_argument("--no-api-only", action="store_true", help="skip the genq instance with its worker stopped")
     p.add_argument("--profile", type=Path, help="profile the genq (full) server with pyinstrument; text to this file")
     args = p.parse_args()

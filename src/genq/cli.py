@@ -16,6 +16,7 @@ from typing import Optional
 import httpx
 import typer
 
+from genq import eventloop
 from genq.settings import Settings
 from genq.tools import Registry, load_registry
 
@@ -81,7 +82,7 @@ def up(
         registry = registry_from_dict(write_demo_models(models))
     else:
         registry = _registry(s)
-    asyncio.run(embedded.serve(s, registry))
+    eventloop.run(embedded.serve(s, registry), s.event_loop)
 
 
 @app.command()
@@ -99,7 +100,8 @@ def api(
         typer.echo("error: set GENQ_NATS_URL", err=True)
         raise typer.Exit(2)
     rt = _cluster_runtime(s, s.nats_url)
-    uvicorn.run(create_app(rt, manage_runtime=True), host=s.host, port=s.port, log_level="warning")
+    uvicorn.run(create_app(rt, manage_runtime=True), host=s.host, port=s.port, log_level="warning",
+                loop=eventloop.resolve(s.event_loop))
 
 
 @app.command()
@@ -158,7 +160,7 @@ def worker(
             await health.stop()
         await rt.close()
 
-    asyncio.run(main())
+    eventloop.run(main(), s.event_loop)
 
 
 @app.command()

@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     """Root log level."""
 
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    """The event loop of ``genq up``, ``genq api`` and ``genq worker``: ``auto`` is uvloop
+    when installed (it is, with uvicorn[standard]), else the standard library's."""
+
     def resolved_kube_namespace(self) -> str:
         if self.kube_namespace:
             return self.kube_namespace
