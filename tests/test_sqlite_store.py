@@ -437,3 +437,19 @@ async def test_a_compare_and_set_on_a_job_just_seen_reads_no_row_and_a_stale_gue
         assert sum(s.lstrip().upper().startswith("SELECT") for s in statements) >= 3
     finally:
         await other.close()
+
+
+async def test_a_state_read_inside_an_open_group_is_not_kept_as_a_guess(store):
+    """The connection's own reads see its uncommitted group, which a full disk can still roll
+    back; such a state must not become a compare-and-set's guess (a later committed write
+    could reach the same version with other contents). Only what committed is kept."""
+    job = await store.create(new_job())
+    assert (await store.get(job.id)).version == 1
+    writing = asyncio.create_task(store.update(job.id, progress=0.5))
+    await asyncio.sleep(0)  # the update has run its UPDATE and waits for the group's commit
+    assert store._group is not None
+    seen = await store.get(job.id)
+    assert seen.version == 2 and seen.progress == 0.5  # the uncommitted write, visible here
+    assert store._recent[job.id].version == 1, "a state not yet committed was kept as a guess"
+    assert (await writing).version == 2
+    assert store._recent[job.id].version == 2  # committed: now it is the guess
