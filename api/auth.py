@@ -81,13 +81,14 @@ class WindowStorage(MemoryStorage):
         now = time.time()
         if now >= self._next_sweep:
             self._sweep(now)
-        hits = self._windows.get(key)
-        if hits is None:
-            hits = self._windows[key] = (deque(), float(expiry))
-        self._expire(hits[0], expiry, now)
-        if len(hits[0]) + amount > limit:
+        found = self._windows.get(key)
+        if found is None:
+            found = self._windows[key] = (deque(), float(expiry))
+        hits = found[0]
+        self._expire(hits, expiry, now)
+        if len(hits) + amount > limit:
             return False
-        hits[0].extend([now] * amount)
+        hits.extend([now] * amount)
         return True
 
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
