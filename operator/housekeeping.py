@@ -17,6 +17,7 @@ import contextlib
 import enum
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from genq import constants
@@ -172,6 +173,10 @@ class Housekeeper:
     async def reconcile_once(self, now: float | None = None) -> dict[str, int]:
         now = time.time() if now is None else now
         done: dict[str, int] = {}
+        #: Running jobs whose worker went quiet with attempts left: JetStream redelivers
+        #: them, unless their message is gone too (the stream's last second lost in a power
+        #: cut, while the job's start was on disk); the stream check looks.
+        quiet: list[Job] = []
         jobs = await self.rt.store.due(
             now, heartbeat_before=now - self.heartbeat_stale, unpublished_before=now - self.unpublished_grace
         )
@@ -179,6 +184,10 @@ class Housekeeper:
             action = decide(job, now, heartbeat_stale=self.heartbeat_stale,
                             unpublished_grace=self.unpublished_grace, deadline_grace=self.deadline_grace)
             if action is Action.NONE:
+                if job.status is Status.RUNNING and job.stream_seq is not None and not job.terminal:
+                    beat = job.heartbeat_at or job.started_at or job.created_at
+                    if beat < now - self.heartbeat_stale:
+                        quiet.append(job)
                 continue
             try:
                 if await self._apply(job, action, now):
@@ -192,7 +201,7 @@ class Housekeeper:
             missing = 0
             if now - self._stream_checked_at >= self.stream_check_interval:
                 self._stream_checked_at = now
-                missing = await self.check_stream(now)
+                missing = await self.check_stream(now, quiet)
         except Exception:
             log.exception("housekeeping: checking queued jobs against the stream failed")
         else:
@@ -200,32 +209,34 @@ class Housekeeper:
                 done[Action.REPUBLISH.value] = done.get(Action.REPUBLISH.value, 0) + missing
         return done
 
-    async def check_stream(self, now: float) -> int:
-        """Republish queued jobs whose stream message is gone. Walks the queued jobs oldest
-        first, a page per pass, skipping the young and the recently checked; returns how
-        many it republished."""
+    async def check_stream(self, now: float, quiet: Iterable[Job] = ()) -> int:
+        """Republish jobs whose stream message is gone: the queued jobs, oldest first, a
+        page per pass, skipping the young and the recently checked, and ``quiet`` running
+        jobs (their worker stopped heartbeating). A message is the job's only if it names
+        the job: after a power cut the stream can hand a lost message's sequence to a new
+        one. Returns how many it republished."""
         from genq.ports import JobFilter
 
         page = await self.rt.store.list(JobFilter(status=Status.QUEUED), limit=self.stream_checks * 4,
                                         cursor=self._stream_cursor, order="asc")
         self._stream_cursor = page.next_cursor
         checks = republished = 0
-        for job in page.jobs:
+        for job in [*quiet, *page.jobs]:
             if checks >= self.stream_checks:
                 break
-            if job.stream_seq is None or job.created_at > now - self.stream_grace:
+            if job.stream_seq is None or (job.status is Status.QUEUED and job.created_at > now - self.stream_grace):
                 continue
             if self._checked.get(job.id, 0.0) > now - self.stream_recheck:
                 continue
             checks += 1
             self._checked[job.id] = now
-            if await self.rt.bus.has_message(job.stream_seq):
+            if await self.rt.bus.message_job_id(job.stream_seq) == job.id:
                 continue
             # Dedupe by job and lost message: two housekeepers republish it once.
             seq = await self.rt.bus.publish_job(job.tool, job.priority.value, job.id, f"{job.id}.{job.seq}.{job.stream_seq}")
-            if await self.rt.store.transition(job.id, [Status.QUEUED], version=job.version, stream_seq=seq) is not None:
-                log.warning("job %s was queued but its stream message %s was gone; republished as %s",
-                            job.id, job.stream_seq, seq)
+            if await self.rt.store.transition(job.id, [job.status], version=job.version, stream_seq=seq) is not None:
+                log.warning("job %s was %s but its stream message %s was gone; republished as %s",
+                            job.id, job.status.value, job.stream_seq, seq)
                 await self.rt.store.record_event(job, Action.REPUBLISH.value,
                                f"The job's stream message {job.stream_seq} was gone; published it again.", warning=True)
                 republished += 1

@@ -100,3 +100,63 @@ async def test_queued_job_whose_stream_message_was_lost_is_republished(live):
     async with live.client() as c:
         done = await poll(c, lost.id, timeout=15)
     assert done["status"] == "succeeded" and done["result"]["seed"] == 11 and done["attempts"] == 1
+
+
+async def test_queued_job_whose_sequence_now_holds_another_message_is_republished(live):
+    """After a power cut the stream can lose its last second (it syncs every second; the
+    job store holds what was accepted) and hand the lost sequences to new messages. A job
+    whose sequence now holds another job's message has lost its own: it is republished."""
+    import time
+
+    rt = live.emb.rt
+    live.emb.housekeeper.stream_grace = 0.0
+    live.emb.housekeeper.stream_check_interval = 0.5
+    # A message that stays in the stream: no tool by that name, so nobody takes it.
+    other = await rt.bus.publish_job("nobody", Priority.NORMAL.value, str(ULID()))
+    lost = await rt.store.create(Job(id=str(ULID()), owner="admin", tool="echo", variant="default", priority=Priority.NORMAL,
+                                     params={"text": "lost", "seed": 12}, seed=12, created_at=time.time() - 60,
+                                     stream_seq=other))
+    assert await rt.bus.has_message(other)
+    async with live.client() as c:
+        done = await poll(c, lost.id, timeout=15)
+    assert done["status"] == "succeeded" and done["result"]["seed"] == 12 and done["attempts"] == 1
+    assert (await rt.store.get(lost.id)).stream_seq != other and await rt.bus.has_message(other)
+
+
+async def test_running_job_whose_worker_went_quiet_and_whose_message_was_lost_runs_again(live):
+    """A job's start reached the disk but its stream message did not (a power cut): no
+    redelivery will ever come. Once its heartbeat is stale with attempts left, the stream
+    check finds the message gone and republishes it; a worker starts the next attempt."""
+    import time
+
+    rt = live.emb.rt
+    hk = live.emb.housekeeper
+    hk.stream_check_interval = 0.5
+    now = time.time()
+    j = await rt.store.create(Job(id=str(ULID()), owner="admin", tool="echo", variant="default", priority=Priority.NORMAL,
+                                  params={"text": "quiet", "seed": 13}, seed=13, status=Status.RUNNING, attempts=1,
+                                  max_attempts=3, started_at=now - 120, heartbeat_at=now - 120, worker="gone",
+                                  stream_seq=10_000_001))
+    async with live.client() as c:
+        done = await poll(c, j.id, timeout=20)
+    assert done["status"] == "succeeded" and done["result"]["seed"] == 13 and done["attempts"] == 2
+
+
+async def test_running_job_whose_message_is_still_there_is_left_to_jetstream(live):
+    """A quiet running job whose message is in the stream (its redelivery waits for a free
+    worker) is not republished: JetStream hands it out."""
+    import time
+
+    rt = live.emb.rt
+    now = time.time()
+    seq = await rt.bus.publish_job("nobody", Priority.NORMAL.value, "placeholder")
+    j = await rt.store.create(Job(id=str(ULID()), owner="admin", tool="nobody", variant="default", priority=Priority.NORMAL,
+                                  params={}, status=Status.RUNNING, attempts=1, max_attempts=3, started_at=now - 120,
+                                  heartbeat_at=now - 120, worker="gone", stream_seq=seq))
+    # The message names another job: the check republishes; naming this one, it does not.
+    assert await live.emb.housekeeper.check_stream(now, [j]) == 1
+    again = await rt.store.get(j.id)
+    assert again.stream_seq != seq and await rt.bus.message_job_id(again.stream_seq) == j.id
+    live.emb.housekeeper._checked.clear()
+    assert await live.emb.housekeeper.check_stream(now, [again]) == 0
+    assert (await rt.store.get(j.id)).stream_seq == again.stream_seq

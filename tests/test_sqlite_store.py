@@ -453,3 +453,62 @@ async def test_a_state_read_inside_an_open_group_is_not_kept_as_a_guess(store):
     assert store._recent[job.id].version == 1, "a state not yet committed was kept as a guess"
     assert (await writing).version == 2
     assert store._recent[job.id].version == 2  # committed: now it is the guess
+
+
+@pytest.fixture
+def fdatasyncs(monkeypatch):
+    """The paths ``os.fdatasync`` was called on (a spy: the real call still runs)."""
+    import os
+
+    seen: list[str] = []
+    real = os.fdatasync
+
+    def spy(fd: int) -> None:
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+    return seen
+
+
+async def test_an_accepted_job_is_on_disk_before_create_returns_and_other_writes_do_not_wait(store, fdatasyncs):
+    """``synchronous=NORMAL`` leaves commits in the page cache; the submit's record alone
+    waits for an fdatasync of the WAL (a power cut must not lose a job the API accepted).
+    A start, a progress or a success does not: lost, it is a job that runs again."""
+    wal = f"{store.path}-wal"
+    job = await store.create(new_job())
+    assert fdatasyncs == [wal]
+    await store.transition(job.id, [Status.QUEUED], status=Status.RUNNING, attempts=1)
+    await store.update(job.id, progress=0.5)
+    await store.transition(job.id, [Status.RUNNING], status=Status.SUCCEEDED, completed_at=time.time())
+    assert fdatasyncs == [wal]
+
+
+async def test_submits_in_flight_together_share_the_fsync(store, fdatasyncs):
+    """One fdatasync covers every commit before it: 64 concurrent creates share a few (the
+    one under way when they commit, then one for all who committed meanwhile), and each
+    create returns only after one that started after its own commit."""
+    created = await asyncio.gather(*(store.create(new_job()) for _ in range(64)))
+    assert len(created) == 64 and 1 <= len(fdatasyncs) <= 3, fdatasyncs
+    seen = len(fdatasyncs)
+    await store.create(new_job())  # alone: its own
+    assert len(fdatasyncs) == seen + 1
+
+
+async def test_a_submit_whose_record_cannot_reach_the_disk_is_refused_and_not_kept(store, monkeypatch):
+    """An I/O error on the fsync (a fault a test cannot cause on a healthy disk, so
+    fdatasync is made to fail): create raises Unavailable, the API answers 503, and the
+    row is gone, so housekeeping never runs a job the client was told failed."""
+    import errno
+    import os
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", eio)
+    job = new_job()
+    with pytest.raises(Unavailable, match="sync"):
+        await store.create(job)
+    monkeypatch.undo()
+    assert await store.get(job.id) is None
+    assert (await store.create(new_job())).version == 1  # the next submit is fine

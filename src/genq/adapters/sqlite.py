@@ -28,6 +28,7 @@ import functools
 import itertools
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -275,6 +276,11 @@ class SQLiteStore:
         self._group: asyncio.Future[None] | None = None
         #: The last committed state seen of recent jobs, oldest first (``_remember``).
         self._recent: dict[str, Job] = {}
+        #: WAL fsyncs (``_durable``): the one under way, and the one callers that
+        #: committed meanwhile wait for.
+        self._flushing: asyncio.Future[None] | None = None
+        self._flush_next: asyncio.Future[None] | None = None
+        self._flushed_once = False
 
     # -- lifecycle -------------------------------------------------------------------
     async def open(self) -> None:
@@ -286,8 +292,9 @@ class SQLiteStore:
         self._db = db
         try:
             # WAL: readers never block the writer. synchronous=NORMAL is crash-safe for the
-            # process (kill -9 loses nothing committed); only an OS crash or power cut can
-            # lose the last transactions, and the stream (fsync always) still holds them.
+            # process (kill -9 loses nothing committed); an OS crash or power cut can lose
+            # the last transactions, except those that waited for ``_durable``: a job's
+            # acceptance. A lost later write (a start, a success) is a job that runs again.
             # No auto-checkpoint: it would run (and fsync) inside a commit on the loop.
             await self._run(_script, """
                 PRAGMA journal_mode=WAL;
@@ -408,6 +415,65 @@ class SQLiteStore:
         await asyncio.shield(group)
         return result
 
+    async def _durable(self) -> None:
+        """Return once everything this connection committed so far is on disk: an fdatasync
+        of the WAL (what ``synchronous=FULL`` does inside every commit), in a thread, off
+        the loop. Callers that commit while one runs share the next one, so concurrent
+        submits cost one fsync, not one each. Only acceptances wait for it (``create``):
+        what a client was told is stored survives a power cut."""
+        fut = self._flush_next
+        if fut is None:
+            fut = self._flush_next = asyncio.get_running_loop().create_future()
+            if self._flushing is None:
+                self._start_flush()
+        await asyncio.shield(fut)
+
+    def _start_flush(self) -> None:
+        fut, self._flush_next = self._flush_next, None
+        self._flushing = fut
+        wal, first = f"{self.path}-wal", not self._flushed_once
+
+        def flush() -> None:
+            try:
+                fd = os.open(wal, os.O_RDONLY)
+            except FileNotFoundError:  # checkpointed and removed: the database file holds it
+                return
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            if first:  # the WAL's own name in its folder, once (SQLite made the file)
+                fd = os.open(self.path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                self._flushed_once = True
+
+        def done(t: asyncio.Future[None]) -> None:
+            self._flushing = None
+            e = t.exception() if not t.cancelled() else asyncio.CancelledError()
+            if not fut.done():
+                if e is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(Unavailable(f"job store: could not sync to disk: {e}"))
+                    fut.exception()  # retrieved: a waiter that was cancelled leaves no warning
+            if self._flush_next is not None:
+                self._start_flush()
+
+        loop = asyncio.get_running_loop()
+        try:
+            task = loop.run_in_executor(None, flush)
+        except RuntimeError:  # the executor is shut down (interpreter exit): sync here
+            task = loop.create_future()
+            try:
+                flush()
+                task.set_result(None)
+            except Exception as e:
+                task.set_exception(e)
+        task.add_done_callback(done)
+
     def _commit_group(self) -> None:
         group, self._group = self._group, None
         if group is None:
@@ -501,8 +567,15 @@ class SQLiteStore:
                 job.seed, job.worker, _encode_data(job),
             ),
         )
+        created = self._note(_evolved(job, seq=rows[0][0], version=1))
+        try:
+            await self._durable()  # accepted means on disk
+        except Unavailable:
+            with contextlib.suppress(Exception):  # not accepted: not left to run either
+                await self.delete(job.id)
+            raise
         # The row is the job as given plus what the INSERT assigned: no need to read it back.
-        return self._note(_evolved(job, seq=rows[0][0], version=1))
+        return created
 
     async def get(self, job_id: str, *, fresh: bool = False) -> Job | None:
         rows = await self._rows("SELECT * FROM jobs WHERE id = ?", (job_id,))
