@@ -270,6 +270,70 @@ async def test_sse_events(live):
         assert len(progress) >= 10 and progress[-1]["step"] == 20 and progress[-1]["steps"] == 20
 
 
+async def test_progress_events_go_out_only_while_someone_watches(live):
+    """A job nobody streams gets no per-step progress events on the bus, only its status
+    changes (a worker would otherwise wake nats-server every step of every job). An SSE
+    stream opened mid-run announces itself, and gets the steps that are still to come."""
+    from genq import constants
+
+    bus = live.emb.rt.bus
+    async with live.client() as c:
+        job = (await c.post("/v1/jobs", json={"tool": "echo", "params": {"sleep": 0.5}})).json()
+        sub = await bus.subscribe(constants.events_subject(job["id"]))  # a bare listener, not a watcher
+        try:
+            seen = []
+            while not seen or seen[-1].get("status") not in ("succeeded", "failed"):
+                msg = await sub.next(10.0)
+                assert msg is not None, seen
+                seen.append(msg)
+        finally:
+            await sub.unsubscribe()
+        assert [m["type"] for m in seen] == ["status"] * len(seen) and seen[-1]["status"] == "succeeded"
+
+        late = (await c.post("/v1/jobs", json={"tool": "echo", "params": {"sleep": 2}})).json()
+        deadline = time.monotonic() + 10
+        while (await c.get(f"/v1/jobs/{late['id']}")).json()["progress"] < 0.25:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        events = await read_events(c, late["id"])
+        steps = [d["step"] for n, d in events if n == "progress"]
+        assert steps and steps[-1] == 20 and steps[0] > 1, steps  # from where it was to the end
+        assert steps == list(range(steps[0], 21)), steps
+
+
+async def test_a_worker_forgets_a_watch_that_is_not_renewed(monkeypatch):
+    """Watches lapse after WATCH_TTL_SECONDS without an announcement (the stream closed),
+    and a worker keeps at most _MAX_WATCHED of them, dropping lapsed and then the oldest."""
+    from genq import constants
+    from genq.worker import worker as w
+
+    class Announcements:
+        def __init__(self, ids):
+            self.ids = ids
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            if not self.ids:
+                raise StopAsyncIteration
+            return {"id": self.ids.pop(0)}
+
+    clock = [1000.0]
+    monkeypatch.setattr(w.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(w, "_MAX_WATCHED", 3)
+    worker = w.Worker.__new__(w.Worker)
+    worker._watched = {}
+    await worker._listen_watches(Announcements(["a", "b"]))
+    assert worker.watched("a") and worker.watched("b") and not worker.watched("c")
+    clock[0] += constants.WATCH_TTL_SECONDS - 1
+    await worker._listen_watches(Announcements(["b"]))  # renewed
+    clock[0] += 2
+    assert not worker.watched("a") and worker.watched("b")
+    await worker._listen_watches(Announcements(["c", "d", "e"]))  # "a" lapsed: dropped first, then the oldest
+    assert list(worker._watched) == ["c", "d", "e"] and not worker.watched("b")
+
+
 async def test_tools_queues_health_metrics(live):
     async with live.client() as c:
         tools = (await c.get("/v1/tools")).json()["tools"]

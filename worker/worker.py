@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PROGRESS_WRITE_INTERVAL = 0.5
+#: Watched jobs a worker remembers at most (open SSE streams across the API processes).
+_MAX_WATCHED = 100_000
 #: How long a job's start or end is retried through a storage fault (see ``_storing``)
 #: when no deadline bounds it.
 _STORE_RETRY_SECONDS = 60.0
@@ -112,6 +114,9 @@ class Worker:
         self._tails: set[asyncio.Task[None]] = set()
         self.loaded = asyncio.Event()
         self._warm_until = 0.0
+        #: Jobs an API process announced as watched (an SSE stream is open on them): job id
+        #: → monotonic time the watch lapses. Only these get per-step progress events.
+        self._watched: dict[str, float] = {}
 
     @property
     def name(self) -> str:
@@ -126,11 +131,13 @@ class Worker:
         await self.bus.ensure_tool(self.name, self.spec.max_attempts, self.settings.ack_wait_seconds)
         cancel_sub = await self.bus.subscribe(f"{constants.CANCEL_SUBJECT_PREFIX}.*")
         warm_sub = await self.bus.subscribe(constants.warm_subject(self.name))
-        self._subs = [cancel_sub, warm_sub]
+        watch_sub = await self.bus.subscribe(f"{constants.WATCH_SUBJECT_PREFIX}.*")
+        self._subs = [cancel_sub, warm_sub, watch_sub]
         self._tasks = [
             asyncio.create_task(self._load(), name=f"{self.id}-load"),
             asyncio.create_task(self._listen_cancels(cancel_sub), name=f"{self.id}-cancels"),
             asyncio.create_task(self._listen_warm(warm_sub), name=f"{self.id}-warm"),
+            asyncio.create_task(self._listen_watches(watch_sub), name=f"{self.id}-watches"),
             asyncio.create_task(self._liveness(), name=f"{self.id}-alive"),
         ]
         self._slot_tasks = [asyncio.create_task(self._slot(i), name=f"{self.id}-slot{i}") for i in range(self.slots)]
@@ -208,6 +215,22 @@ class Worker:
             self._warm_until = max(self._warm_until, time.time() + float(msg.get("seconds") or 0))
             with contextlib.suppress(Exception):
                 await self._load_variant(variant)
+
+    async def _listen_watches(self, sub: Any) -> None:
+        async for msg in sub:
+            job_id = msg.get("id")
+            if not isinstance(job_id, str):
+                continue
+            now = time.monotonic()
+            if len(self._watched) >= _MAX_WATCHED:  # lapsed watches go first; then the oldest
+                self._watched = {k: t for k, t in self._watched.items() if t > now}
+                while len(self._watched) >= _MAX_WATCHED:
+                    del self._watched[next(iter(self._watched))]
+            self._watched.pop(job_id, None)  # re-inserted: the dict stays oldest first
+            self._watched[job_id] = now + constants.WATCH_TTL_SECONDS
+
+    def watched(self, job_id: str) -> bool:
+        return self._watched.get(job_id, 0.0) > time.monotonic()
 
     async def _load_variant(self, variant: str) -> None:
         aload = getattr(self.tool, "aload", None)  # a tool in child processes loads there
@@ -498,12 +521,13 @@ class Worker:
             # for the step's end left a tiny model's process idle for ~0.7 ms a job.
             self._prefetch_next(running.slot)
             running.last_step.set()
-        asyncio.ensure_future(
-            self.bus.publish(
-                constants.events_subject(job.id),
-                {"type": "progress", "id": job.id, "progress": fraction, "step": step, "steps": steps},
+        if self.watched(job.id):  # nobody listening, no event: they cost nats-server a wakeup each
+            asyncio.ensure_future(
+                self.bus.publish(
+                    constants.events_subject(job.id),
+                    {"type": "progress", "id": job.id, "progress": fraction, "step": step, "steps": steps},
+                )
             )
-        )
         now = time.monotonic()
         # Throttled (events go out every step); the final write is the job's success.
         if now - running.last_progress_write >= _PROGRESS_WRITE_INTERVAL and fraction < 1.0:

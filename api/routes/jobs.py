@@ -400,9 +400,20 @@ async def job_events(job_id: str, request: Request, who: Principal = Depends(pri
     job = await svc.load(job_id, who)
     bus = svc.rt.bus
     sub = await bus.subscribe(constants.events_subject(job.id))
+    announced = 0.0
+
+    async def watch() -> None:
+        # Workers send a job's per-step progress only while someone watches it. Announced on
+        # opening, on every status change (a worker that started after the last one hears
+        # of it before the job's first step ends) and every WATCH_REFRESH_SECONDS.
+        nonlocal announced
+        announced = time.monotonic()
+        with contextlib.suppress(Exception):
+            await bus.publish(constants.watch_subject(job.id), {"id": job.id})
 
     async def stream():
         try:
+            await watch()
             latest = await svc.rt.store.get(job.id)
             if latest is None:
                 return
@@ -411,11 +422,15 @@ async def job_events(job_id: str, request: Request, who: Principal = Depends(pri
             while not latest.terminal:
                 if await request.is_disconnected():
                     return
+                if time.monotonic() - announced >= constants.WATCH_REFRESH_SECONDS:
+                    await watch()
                 msg = await sub.next(2.0)
                 if msg is not None and msg.get("type") == "progress":
                     yield {"event": "progress", "data": json.dumps(
                         {"progress": msg.get("progress"), "step": msg.get("step"), "steps": msg.get("steps")})}
                     continue
+                if msg is not None:
+                    await watch()
                 fresh = await svc.rt.store.get(job.id)
                 if fresh is None:
                     return

@@ -20,6 +20,14 @@ CANCEL_SUBJECT_PREFIX: Final = "genq.cancel"
 EVENTS_SUBJECT_PREFIX: Final = "genq.events"
 #: Core NATS subject for warm requests: ``genq.warm.<tool>``.
 WARM_SUBJECT_PREFIX: Final = "genq.warm"
+#: Core NATS subject an API process announces a watched job on (an SSE stream is open on
+#: it): ``genq.watch.<job-id>``. Workers publish a job's per-step progress events only
+#: while it is watched; status events always go out.
+WATCH_SUBJECT_PREFIX: Final = "genq.watch"
+#: Seconds between an open stream's announcements; a worker forgets a watch after
+#: ``WATCH_TTL_SECONDS`` without one.
+WATCH_REFRESH_SECONDS: Final = 5.0
+WATCH_TTL_SECONDS: Final = 3 * WATCH_REFRESH_SECONDS
 #: JetStream advisory published when a message exhausts its MaxDeliver.
 MAX_DELIVERIES_ADVISORY: Final = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 
@@ -55,6 +63,10 @@ def events_subject(job_id: str) -> str:
 
 def warm_subject(tool: str) -> str:
     return f"{WARM_SUBJECT_PREFIX}.{tool}"
+
+
+def watch_subject(job_id: str) -> str:
+    return f"{WATCH_SUBJECT_PREFIX}.{job_id}"
 
 
 # Object storage keys.
