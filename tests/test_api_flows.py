@@ -290,15 +290,28 @@ async def test_progress_events_go_out_only_while_someone_watches(live):
             await sub.unsubscribe()
         assert [m["type"] for m in seen] == ["status"] * len(seen) and seen[-1]["status"] == "succeeded"
 
-        late = (await c.post("/v1/jobs", json={"tool": "echo", "params": {"sleep": 2}})).json()
-        deadline = time.monotonic() + 10
-        while (await c.get(f"/v1/jobs/{late['id']}")).json()["progress"] < 0.25:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-        events = await read_events(c, late["id"])
-        steps = [d["step"] for n, d in events if n == "progress"]
-        assert steps and steps[-1] == 20 and steps[0] > 1, steps  # from where it was to the end
-        assert steps == list(range(steps[0], 21)), steps
+        await _watched_from_mid_run(c)
+
+
+async def _watched_from_mid_run(c) -> None:
+    late = (await c.post("/v1/jobs", json={"tool": "echo", "params": {"sleep": 2}})).json()
+    deadline = time.monotonic() + 10
+    while (await c.get(f"/v1/jobs/{late['id']}")).json()["progress"] < 0.25:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    events = await read_events(c, late["id"])
+    steps = [d["step"] for n, d in events if n == "progress"]
+    assert steps and steps[-1] == 20 and steps[0] > 1, steps  # from where it was to the end
+    # In its own process the tool hears of the watch one frame later: a step may be missed.
+    assert steps == list(range(steps[0], 21)) or steps[1:] == list(range(steps[1], 21)) and steps[1] - steps[0] == 2, steps
+
+
+@pytest.mark.genq(tools={"echo": {"options": {"isolation": "process"}, "maxWorkers": 1}})
+async def test_a_tool_in_its_own_process_reports_every_step_once_someone_watches(live):
+    """The same for a tool in a child process: unwatched it sends a few progress frames; an
+    SSE stream opened mid-run makes the worker tell the child, which then sends every step."""
+    async with live.client() as c:
+        await _watched_from_mid_run(c)
 
 
 async def test_a_worker_forgets_a_watch_that_is_not_renewed(monkeypatch):
@@ -323,7 +336,7 @@ async def test_a_worker_forgets_a_watch_that_is_not_renewed(monkeypatch):
     monkeypatch.setattr(w.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(w, "_MAX_WATCHED", 3)
     worker = w.Worker.__new__(w.Worker)
-    worker._watched = {}
+    worker._watched, worker._running = {}, {}
     await worker._listen_watches(Announcements(["a", "b"]))
     assert worker.watched("a") and worker.watched("b") and not worker.watched("c")
     clock[0] += constants.WATCH_TTL_SECONDS - 1

@@ -20,7 +20,7 @@ from PIL import Image
 from conftest import TESTS
 from genq.tools import ToolSpec
 from genq.worker.tools import build_tool
-from genq.worker.tools.base import CancelToken, Cancelled, InputFile, ToolCall, ToolError
+from genq.worker.tools.base import CancelToken, Cancelled, InputFile, ToolCall, ToolError, WatchFlag
 from genq.worker.tools.isolated import ProcessTool, isolation_of
 
 
@@ -29,9 +29,10 @@ def spec(entrypoint: str = "genq_testtools:echo", **options) -> ToolSpec:
                                     "options": {"isolation": "process", **options}})
 
 
-def call(params: dict, *, job_id: str = "j", progress=None, cancel: CancelToken | None = None, inputs=()) -> ToolCall:
+def call(params: dict, *, job_id: str = "j", progress=None, cancel: CancelToken | None = None, inputs=(),
+         watched: WatchFlag | None = None) -> ToolCall:
     return ToolCall(job_id=job_id, variant="default", params=params, inputs=list(inputs), seed=params.get("seed"),
-                    progress=progress or (lambda *a: None), cancel=cancel or CancelToken())
+                    progress=progress or (lambda *a: None), cancel=cancel or CancelToken(), watched=watched or WatchFlag())
 
 
 def alive(pid: int) -> bool:
@@ -69,15 +70,48 @@ async def test_each_slot_has_its_own_process_and_results_come_back(echo):
     seen: list[tuple] = []
     data = b"\x89PNG" + bytes(range(256)) * 64
     result = await echo.arun(call({"seed": 7, "text": "a"}, progress=lambda *a: seen.append(a),
-                                  inputs=[InputFile("in.png", "image/png", data)]))
+                                  inputs=[InputFile("in.png", "image/png", data)], watched=WatchFlag(True)))
     assert [f.name for f in result.files] == ["result.png", "meta.json"] and result.seed == 7
     assert b'"in.png", "image/png", 16388' in result.files[1].data
-    assert seen == [((i + 1) / 20, i + 1, 20) for i in range(20)]
+    assert seen == [((i + 1) / 20, i + 1, 20) for i in range(20)]  # watched: every step
     # Two jobs at once run side by side, one per process.
     t0 = time.perf_counter()
     a, b = await asyncio.gather(echo.arun(call({"sleep": 1, "text": "x"}, job_id="x")),
                                 echo.arun(call({"sleep": 1, "text": "y"}, job_id="y")))
     assert time.perf_counter() - t0 < 1.9 and a.files and b.files
+
+
+async def test_a_job_nobody_watches_reports_a_few_steps_and_every_one_once_watched(echo):
+    """Each progress frame wakes the worker. Unwatched, the child sends at most one a
+    PROGRESS_FRAME_INTERVAL, the last step's (the next job's hand-over hangs on it) and the
+    end's; from the moment the job is watched (an SSE stream opened mid-run), every step."""
+    from genq.worker.tools.isolated import PROGRESS_FRAME_INTERVAL
+
+    seen: list[tuple] = []
+    await echo.arun(call({"text": "quick"}, progress=lambda *a: seen.append(a)))
+    assert seen == [(0.95, 19, 20), (1.0, 20, 20)]
+
+    seen.clear()
+    await echo.arun(call({"text": "slow", "sleep": 2.0}, progress=lambda *a: seen.append(a)))  # a step each 0.1 s
+    steps = [s for _, s, _ in seen]
+    assert steps[-2:] == [19, 20] and 6 <= len(steps) <= 2.0 / PROGRESS_FRAME_INTERVAL + 3, steps
+
+    seen.clear()
+    flag = WatchFlag()
+    loop = asyncio.get_running_loop()
+
+    def report(*a) -> None:
+        seen.append(a)
+        if a[1] >= 8:
+            flag.set()  # on the loop, as the worker does when an announcement arrives
+
+    await echo.arun(call({"text": "watched", "sleep": 2.0}, progress=report, watched=flag))
+    steps = [s for _, s, _ in seen]
+    # The watch frame reaches the child a moment after the report that set it: one more
+    # step may go unreported (a step is 100 ms), then every one is.
+    after = steps[next(i for i, s in enumerate(steps) if s >= 8) + 1:]
+    assert after and after[-1] == 20 and after == list(range(after[0], 21)) and after[0] <= steps[steps.index(after[0]) - 1] + 2, steps
+    assert len(steps) < 20 and loop.is_running()
 
 
 async def test_errors_keep_their_meaning(echo):
@@ -209,7 +243,7 @@ def test_text_to_image_in_its_process_cancels_within_a_step_and_returns_raw_imag
 
             with pytest.raises(Cancelled):
                 await t2i.arun(call({"prompt": "a cat", "steps": 150, "width": 128, "height": 128}, progress=progress,
-                                    cancel=token))
+                                    cancel=token, watched=WatchFlag(True)))  # every step reported
             freed, step = time.perf_counter() - steps[2], steps[2] - steps[1]
             result = await t2i.arun(call({"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 3}))
             [f] = result.files

@@ -43,6 +43,7 @@ from genq.worker.tools.base import (
     ToolCall,
     ToolError,
     ToolResult,
+    WatchFlag,
     in_last_step,
 )
 
@@ -74,6 +75,8 @@ class _Running:
     last_progress_write: float = 0.0
     #: Set when the tool reports it has begun its last step (``in_last_step``).
     last_step: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set once someone watches the job: the tool then reports every step.
+    watch: WatchFlag = field(default_factory=WatchFlag)
 
 
 class Worker:
@@ -228,6 +231,9 @@ class Worker:
                     del self._watched[next(iter(self._watched))]
             self._watched.pop(job_id, None)  # re-inserted: the dict stays oldest first
             self._watched[job_id] = now + constants.WATCH_TTL_SECONDS
+            running = self._running.get(job_id)
+            if running is not None:
+                running.watch.set()
 
     def watched(self, job_id: str) -> bool:
         return self._watched.get(job_id, 0.0) > time.monotonic()
@@ -437,6 +443,8 @@ class Worker:
             def progress(fraction: float, step: int | None = None, steps: int | None = None) -> None:
                 loop.call_soon_threadsafe(self._on_progress, running, float(fraction), step, steps)
 
+            if self.watched(job.id):
+                running.watch.set()
             call = ToolCall(
                 job_id=job.id,
                 variant=job.variant,
@@ -445,6 +453,7 @@ class Worker:
                 seed=job.seed,
                 progress=progress,
                 cancel=token,
+                watched=running.watch,
             )
             token.raise_if_cancelled()
             arun = getattr(self.tool, "arun", None)

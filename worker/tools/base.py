@@ -92,6 +92,41 @@ class Progress(Protocol):
     def __call__(self, fraction: float, step: int | None = None, steps: int | None = None) -> None: ...
 
 
+class WatchFlag:
+    """Whether someone watches the job (an SSE stream is open on it): then every step's
+    progress is wanted as it happens. Set by the worker, at the start or mid-run; a tool
+    in its own process reports every step only while it is set, and otherwise a few (at
+    most one a ``PROGRESS_FRAME_INTERVAL``, and the last step), sparing the worker a
+    wakeup per step. Thread-safe; once set it stays set."""
+
+    def __init__(self, watched: bool = False) -> None:
+        self._lock = threading.Lock()
+        self._set = watched
+        self._callbacks: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        with self._lock:
+            if self._set:
+                return
+            self._set = True
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn()
+
+    def on_set(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` once, on the setting thread, when the flag is set (at once if it
+        already is)."""
+        with self._lock:
+            if not self._set:
+                self._callbacks.append(fn)
+                return
+        fn()
+
+    @property
+    def watched(self) -> bool:
+        return self._set
+
+
 @dataclass(frozen=True)
 class InputFile:
     name: str
@@ -127,6 +162,8 @@ class ToolCall:
     seed: int | None
     progress: Progress
     cancel: CancelToken
+    #: Set while someone watches the job; a tool may report fewer steps while it is not.
+    watched: WatchFlag = field(default_factory=WatchFlag)
 
 
 class Tool(Protocol):

@@ -24,7 +24,7 @@ import time
 import traceback
 from typing import Any, BinaryIO
 
-from genq.worker.tools.isolated import HEADER, frame
+from genq.worker.tools.isolated import HEADER, PROGRESS_FRAME_INTERVAL, frame
 
 log = logging.getLogger("genq.worker.tools.child")
 
@@ -71,7 +71,7 @@ def _outcome(e: BaseException) -> dict[str, Any]:
 
 def serve(chan: _Channel) -> None:
     from genq.worker.tools import build_tool
-    from genq.worker.tools.base import CancelToken, InputFile, ToolCall
+    from genq.worker.tools.base import CancelToken, InputFile, ToolCall, in_last_step
 
     init = chan.recv()
     if init is None or init.get("op") != "init":
@@ -87,6 +87,8 @@ def serve(chan: _Channel) -> None:
 
     work: queue.Queue[tuple[dict[str, Any], Any] | None] = queue.Queue()
     tokens: dict[str, CancelToken] = {}
+    #: Jobs sent here that someone watches: every step is reported (see ``progress``).
+    watched: set[str] = set()
     tokens_lock = threading.Lock()
 
     def reader() -> None:
@@ -100,10 +102,16 @@ def serve(chan: _Channel) -> None:
                     token = tokens.get(msg["job_id"])
                 if token is not None:
                     token.cancel(msg.get("reason") or "cancelled")
+            elif op == "watch":
+                with tokens_lock:
+                    if msg["job_id"] in tokens:  # else it ended: nothing to report
+                        watched.add(msg["job_id"])
             elif op == "run":
                 token = CancelToken()
-                with tokens_lock:  # before it queues: a cancel may follow at once
+                with tokens_lock:  # before it queues: a cancel or a watch may follow at once
                     tokens[msg["job_id"]] = token
+                    if msg.get("watched"):
+                        watched.add(msg["job_id"])
                 work.put((msg, token))
             elif op == "stop":
                 work.put(None)
@@ -134,8 +142,17 @@ def serve(chan: _Channel) -> None:
             continue
         ref = msg["job_id"]
 
-        def progress(fraction: float, step: int | None = None, steps: int | None = None, ref: str = ref) -> None:
-            chan.send({"op": "progress", "ref": ref, "args": (float(fraction), step, steps)})
+        last_sent = [time.monotonic()]
+
+        def progress(fraction: float, step: int | None = None, steps: int | None = None, ref: str = ref,
+                     last_sent: list[float] = last_sent) -> None:
+            # Every step while watched; else the last step's (the worker hands the next job
+            # over on it), the end's, and one a PROGRESS_FRAME_INTERVAL (the store's figure).
+            now = time.monotonic()
+            if (ref in watched or in_last_step(step, steps) or fraction >= 1.0
+                    or now - last_sent[0] >= PROGRESS_FRAME_INTERVAL):
+                last_sent[0] = now
+                chan.send({"op": "progress", "ref": ref, "args": (float(fraction), step, steps)})
 
         call = ToolCall(
             job_id=msg["job_id"], variant=msg["variant"], params=msg["params"],
@@ -155,6 +172,7 @@ def serve(chan: _Channel) -> None:
         finally:
             with tokens_lock:
                 tokens.pop(msg["job_id"], None)
+                watched.discard(msg["job_id"])
 
 
 def main() -> None:

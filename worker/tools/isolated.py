@@ -24,8 +24,14 @@ the decode left), its slot claims the next job and sends it to the same child, w
 starts it the moment the last one ends; the results cross raw (``pipelines.ImageFile``)
 and the worker encodes them beside the next job's compute.
 
+Progress: a run's ``progress`` frames cost the worker a wakeup each. The child sends every
+step only while the job is watched (``ToolCall.watched``: an SSE stream is open on it;
+``run`` says so, and a ``watch`` frame says so mid-run); otherwise at most one a
+``PROGRESS_FRAME_INTERVAL``, plus the last step's (the worker hands the next job over on
+it) and the end's.
+
 Protocol: length-prefixed pickle frames over a socketpair; the parent speaks first
-(``init`` with the ToolSpec), then ``load``/``run``/``cancel``/``stop``; the child answers
+(``init`` with the ToolSpec), then ``load``/``run``/``watch``/``cancel``/``stop``; the child answers
 ``ready``, then ``loaded``, ``progress``… and one terminal frame per run, each naming the
 job (or load) it answers, in the order it ran them. Both ends are genq's own code, so
 pickle is fine. The child is :mod:`genq.worker.tools.child`.
@@ -57,6 +63,9 @@ DEFAULT_CANCEL_GRACE_SECONDS = 10.0
 #: How long a child may take to import genq and build its tool (not to load the model).
 START_TIMEOUT_SECONDS = 120.0
 HEADER = struct.Struct("!I")
+#: Seconds between two progress frames of a job nobody watches (the worker writes a job's
+#: progress to the store at most every 0.5 s).
+PROGRESS_FRAME_INTERVAL = 0.25
 
 
 def isolation_of(spec: ToolSpec) -> str:
@@ -217,6 +226,9 @@ class _Child:
         self.pending[ref] = _Pending(call, future)
         if call is not None:
             call.cancel.on_cancel(lambda reason: loop.call_soon_threadsafe(self._cancel, ref, reason))
+            msg["watched"] = call.watched.watched
+            if not msg["watched"]:
+                call.watched.on_set(lambda: loop.call_soon_threadsafe(self._watch, ref))
         try:
             await self._send(msg)
         except (ConnectionError, OSError):
@@ -260,6 +272,11 @@ class _Child:
         self.writer.write(frame({"op": "cancel", "job_id": job_id, "reason": reason}))
         if self.current == job_id and self._kill is None:
             self._kill = asyncio.get_running_loop().call_later(self.owner.cancel_grace, self._force_stop, job_id)
+
+    def _watch(self, job_id: str) -> None:
+        """On the loop: the job is watched now; its child reports every step from here."""
+        if job_id in self.pending and self.writer is not None and not self.writer.is_closing():
+            self.writer.write(frame({"op": "watch", "job_id": job_id}))
 
     def _stop_kill_timer(self) -> None:
         if self._kill is not None:
