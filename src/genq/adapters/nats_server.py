@@ -5,9 +5,10 @@ folder, synced every ``SYNC_INTERVAL``: the job store, not the stream, is what m
 accepted job durable (its record is on disk before the API answers 202, see
 ``SQLiteStore._durable``), as the Kubernetes store is in cluster mode. A power cut can take
 the stream's last second; housekeeping publishes a queued job whose message is gone again,
-and a lost ack is a redelivery that finds its job finished. An fsync per stream write (a
-job's publish, its delivery, its ack) cost the tools' processes 3-5 % of their speed beside
-it on a small machine (BENCHMARKS.md §4). The child gets SIGTERM if genq dies (Linux's parent-death
+and a lost ack is a redelivery that finds its job finished. With an fsync per stream write
+(a job's publish, its ack, its consumer's state) every job cost JetStream two to three
+fsyncs, and the machine's disk interrupts doubled (BENCHMARKS.md §4, sixth session). The
+child gets SIGTERM if genq dies (Linux's parent-death
 signal), and a server left behind by a killed genq is stopped before a new one starts, so
 nothing is ever left running and the store directory is never locked by a stray.
 """
