@@ -6,11 +6,14 @@ text-to-image call, timed three ways in one run, in interleaved chunks.
 Three things stay loaded at once: the bare loop (its own process, driven chunk by chunk
 over a pipe), genq's tool process (``ProcessTool``) driven alone by this script's asyncio
 loop (no API, NATS or SQLite; progress frames go to a no-op), and the full embedded genq
-(REST submit → result). Each pair runs one chunk of each, in an order that flips every
-pair, so the machine's drift (±10 % within minutes here) hits all three alike. Per chunk:
+(REST submit → result). Each pair runs one chunk of each side, in an order that flips
+every pair, so the machine's drift (±10 % within minutes here) hits every side alike. Per
+chunk:
 
 - bare: the mean pipeline call;
-- tool alone: the mean of the tool's own ``pipeline_seconds``;
+- tool alone: the mean of the tool's own ``pipeline_seconds``, one call after another;
+- tool alone, pipelined: the same, each call sent when the last begins its last step (as
+  the worker hands the next job over), so the child gets its next run mid-call;
 - genq: the mean ``pipeline_seconds`` of its jobs, and the completion-to-completion cycle.
 
 Printed: each pair's ratios to bare and the medians of the paired ratios. A genq call
@@ -85,6 +88,32 @@ async def tool_chunk(tool, n: int, steps: int, size: int) -> float:
     return total / n
 
 
+async def tool_chunk_pipelined(tool, n: int, steps: int, size: int) -> float:
+    """As the worker does: the next call is sent when the running one begins its last step."""
+    from genq.worker.tools.base import CancelToken, ToolCall, in_last_step
+
+    total = 0.0
+    tasks = []
+    for i in range(n):
+        last = asyncio.Event()
+
+        def progress(f, s=None, t=None, last=last):
+            if in_last_step(s, t):
+                last.set()
+
+        call = ToolCall(job_id=f"pipe-{time.monotonic_ns()}", variant="default",
+                        params={"prompt": f"prompt {i}", "width": size, "height": size, "steps": steps},
+                        inputs=[], seed=i, progress=progress, cancel=CancelToken())
+        task = asyncio.ensure_future(tool.arun(call))
+        tasks.append(task)
+        waiter = asyncio.ensure_future(last.wait())
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+    for t in tasks:
+        total += 1000 * (await t).metrics["pipeline_seconds"]
+    return total / n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--chunk", type=int, default=25, help="calls per chunk")
@@ -124,16 +153,18 @@ def main() -> None:
                     await genq_chunk(client, 5, a.steps, a.size)
                     for pair in range(a.pairs):
                         row: dict[str, float] = {}
-                        for side in ("bare", "tool", "genq") if pair % 2 == 0 else ("genq", "tool", "bare"):
+                        for side in ("bare", "tool", "pipe", "genq") if pair % 2 == 0 else ("genq", "pipe", "tool", "bare"):
                             if side == "bare":
                                 row["bare"] = bare_chunk(a.chunk)
                             elif side == "tool":
                                 row["tool"] = await tool_chunk(tool, a.chunk, a.steps, a.size)
+                            elif side == "pipe":
+                                row["pipe"] = await tool_chunk_pipelined(tool, a.chunk, a.steps, a.size)
                             else:
                                 row["genq"], row["cycle"] = await genq_chunk(client, a.chunk, a.steps, a.size)
                         rows.append(row)
                         print(f"  pair {pair + 1:2d}: bare call {row['bare']:6.2f} ms | tool alone {row['tool'] / row['bare']:.3f}"
-                              f" | genq call {row['genq'] / row['bare']:.3f}, cycle {row['cycle'] / row['bare']:.3f}  (x bare)",
+                              f" | pipelined {row['pipe'] / row['bare']:.3f} | genq call {row['genq'] / row['bare']:.3f}, cycle {row['cycle'] / row['bare']:.3f}  (x bare)",
                               flush=True)
             finally:
                 await tool.aclose()
@@ -151,6 +182,7 @@ def main() -> None:
     print(f"{a.pairs} pairs of {a.chunk}-call chunks, {a.steps} steps, {a.size} px, 1 torch thread; "
           "medians of the paired ratios to the bare call:")
     print(f"  tool's process alone, pipeline call   {ratio('tool'):.3f}")
+    print(f"  the same, next call sent at the last step {ratio('pipe'):.3f}")
     print(f"  genq, the same call                   {ratio('genq'):.3f}")
     print(f"  genq, completion to completion        {ratio('cycle'):.3f}")
     print(f"  efficiency (bare / genq cycle)        {1 / ratio('cycle'):.3f}")
