@@ -37,6 +37,11 @@ class Action(str, enum.Enum):
     FINALIZE = "Deleted"
 
 
+def last_beat(job: Job) -> float:
+    """When the job's worker was last heard of."""
+    return job.heartbeat_at or job.started_at or job.created_at
+
+
 def decide(job: Job, now: float, *, heartbeat_stale: float, unpublished_grace: float, deadline_grace: float) -> Action:
     if job.deleting:
         return Action.FINALIZE
@@ -47,8 +52,7 @@ def decide(job: Job, now: float, *, heartbeat_stale: float, unpublished_grace: f
     if job.status is Status.RUNNING:
         if job.deadline_seconds and job.started_at is not None and job.started_at + job.deadline_seconds + deadline_grace <= now:
             return Action.DEADLINE
-        beat = job.heartbeat_at or job.started_at or job.created_at
-        if beat < now - heartbeat_stale and job.attempts >= job.max_attempts:
+        if last_beat(job) < now - heartbeat_stale and job.attempts >= job.max_attempts:
             return Action.LOST
         return Action.NONE
     if job.status is Status.QUEUED and job.stream_seq is None and job.created_at < now - unpublished_grace:
@@ -184,10 +188,9 @@ class Housekeeper:
             action = decide(job, now, heartbeat_stale=self.heartbeat_stale,
                             unpublished_grace=self.unpublished_grace, deadline_grace=self.deadline_grace)
             if action is Action.NONE:
-                if job.status is Status.RUNNING and job.stream_seq is not None and not job.terminal:
-                    beat = job.heartbeat_at or job.started_at or job.created_at
-                    if beat < now - self.heartbeat_stale:
-                        quiet.append(job)
+                if (job.status is Status.RUNNING and job.stream_seq is not None
+                        and last_beat(job) < now - self.heartbeat_stale):
+                    quiet.append(job)
                 continue
             try:
                 if await self._apply(job, action, now):

@@ -538,7 +538,7 @@ class Worker:
                 )
             )
         now = time.monotonic()
-        # Throttled (events go out every step); the final write is the job's success.
+        # Throttled (a watcher gets every step as an event); the final write is the job's success.
         if now - running.last_progress_write >= _PROGRESS_WRITE_INTERVAL and fraction < 1.0:
             running.last_progress_write = now
             asyncio.ensure_future(self._write_progress(job, fraction))

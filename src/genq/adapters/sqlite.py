@@ -276,9 +276,9 @@ class SQLiteStore:
         self._group: asyncio.Future[None] | None = None
         #: The last committed state seen of recent jobs, oldest first (``_remember``).
         self._recent: dict[str, Job] = {}
-        #: WAL fsyncs (``_durable``): the one under way, and the one callers that
+        #: WAL fsyncs (``_durable``): whether one is under way, and the one callers that
         #: committed meanwhile wait for.
-        self._flushing: asyncio.Future[None] | None = None
+        self._flushing = False
         self._flush_next: asyncio.Future[None] | None = None
         self._flushed_once = False
 
@@ -424,13 +424,13 @@ class SQLiteStore:
         fut = self._flush_next
         if fut is None:
             fut = self._flush_next = asyncio.get_running_loop().create_future()
-            if self._flushing is None:
+            if not self._flushing:
                 self._start_flush()
         await asyncio.shield(fut)
 
     def _start_flush(self) -> None:
         fut, self._flush_next = self._flush_next, None
-        self._flushing = fut
+        self._flushing = True
         wal, first = f"{self.path}-wal", not self._flushed_once
 
         def flush() -> None:
@@ -451,7 +451,7 @@ class SQLiteStore:
                 self._flushed_once = True
 
         def done(t: asyncio.Future[None]) -> None:
-            self._flushing = None
+            self._flushing = False
             e = t.exception() if not t.cancelled() else asyncio.CancelledError()
             if not fut.done():
                 if e is None:
