@@ -193,6 +193,63 @@ def test_cancel_from_another_thread_stops_within_a_step(tool):
     assert tool.run(call({"prompt": "a cat"})).files
 
 
+def test_cancel_checks_wrap_block_forwards_and_stop_a_call_inside_a_step(tool):
+    """The cancel checks wrap the blocks' ``forward`` (no module hooks, so every other
+    module keeps nn.Module's fast path; the signature pipelines inspect is the model's),
+    and a cancel that lands inside a block stops the call at the next block, before the
+    step it is in ends."""
+    import inspect
+
+    from genq.worker.tools import pipelines
+
+    unet = tool._ensure("base").pipe.unet
+    checked = [n for n, m in unet.named_modules() if getattr(m.forward, "genq_cancel_check", False)]
+    assert "" in checked and "down_blocks.0" in checked and "mid_block.resnets.0" in checked
+    assert not any(n.count(".") >= pipelines.CANCEL_HOOK_DEPTH for n in checked)
+    assert not any(m._forward_pre_hooks for m in unet.modules())
+    assert "encoder_hidden_states" in inspect.signature(unet.forward).parameters
+    assert pipelines.install_cancel_hooks(unet) == 0  # already checked: nothing wrapped twice
+
+    token = CancelToken()
+    steps: list[int | None] = []
+    handle = unet.down_blocks[0].register_forward_hook(lambda *a: token.cancel("mid-step"))
+    try:
+        with pytest.raises(Cancelled, match="mid-step"):
+            tool.run(call({"prompt": "a cat", "steps": 3}, progress=lambda f, step=None, steps_=None: steps.append(step),
+                          cancel=token))
+    finally:
+        handle.remove()
+    assert steps == []  # the first step never ended
+    assert tool.run(call({"prompt": "a cat"})).files
+
+
+def test_calls_run_in_inference_mode_unless_turned_off(tool):
+    """``torch.inference_mode`` around every pipeline call (``inferenceMode``, default on);
+    off with ``cpuOffload``, whose hooks move weights inside the call. The mode changes no
+    number: the same seed gives the same bytes either way."""
+    import torch
+
+    from genq.worker.tools import pipelines
+
+    def modes(t) -> tuple[list[bool], bytes]:
+        seen: list[bool] = []
+        result = t.run(call({"prompt": "a cat"}, seed=11, progress=lambda *a: seen.append(torch.is_inference_mode_enabled())))
+        return seen, result.files[0].data
+
+    on, on_bytes = modes(tool)
+    off_tool = build_tool(make_spec(options={"inferenceMode": False}), isolation="thread")
+    off, off_bytes = modes(off_tool)
+    assert on and all(on)
+    assert off and not any(off)
+    assert on_bytes == off_bytes
+    assert not torch.is_inference_mode_enabled()  # the scope ends with the call
+
+    with pipelines.running(CancelToken(), pipelines.Runtime(cpu_offload=True)):
+        assert not torch.is_inference_mode_enabled()
+    with pipelines.running(CancelToken(), pipelines.Runtime()):
+        assert torch.is_inference_mode_enabled()
+
+
 def test_webp_and_jpeg_outputs_carry_the_params(tool):
     for fmt, content_type, ext in (("webp", "image/webp", "webp"), ("jpeg", "image/jpeg", "jpg")):
         result = tool.run(call({"prompt": "a cat", "output_format": fmt}, seed=3))

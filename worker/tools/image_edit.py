@@ -194,7 +194,7 @@ class ImageEditTool:
             m.pipe.scheduler = m.schedulers[v.name]
             m.adapters.activate(v.name if v.lora is not None else None)
             t0 = time.perf_counter()
-            with pipelines.cancel_scope(call.cancel):
+            with pipelines.running(call.cancel, self.runtime):
                 out = m.pipe(**kwargs).images[0]
             seconds = time.perf_counter() - t0
         finally:

@@ -12,6 +12,8 @@ What lives here:
 * :class:`StepReporter` — the per-step callback: progress for every step, the cancel
   token checked at every step *and* before every block of the denoiser and VAE decoder,
   so a cancel frees the worker within one block, not one whole step.
+* :func:`running` — the scope a pipeline call runs in: the job's cancel token, and
+  ``torch.inference_mode`` (see :class:`Runtime`).
 * :class:`Adapters` — variant LoRAs, loaded once each and switched with ``set_adapters``
   (switching a variant never reloads the base model).
 * :data:`SAMPLERS` / :class:`Schedulers` — ``sampler`` names to diffusers schedulers.
@@ -22,6 +24,7 @@ What lives here:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import io
@@ -104,6 +107,14 @@ class Runtime:
     * ``cacheDir`` (``$XDG_CACHE_HOME/genq/models``): where ``s3://`` models are copied.
     * ``revision`` / ``modelVariant`` (unset): Hugging Face revision and weight-file
       variant (``fp16``) passed to ``from_pretrained``.
+    * ``inferenceMode`` (true): pipeline calls run in ``torch.inference_mode`` rather than
+      only the ``no_grad`` diffusers' pipelines set: no autograd bookkeeping per tensor
+      (version counters, view tracking), ~3 % of a small model's call on CPU, where
+      per-op overhead is the cost (BENCHMARKS §4). Off with ``cpuOffload``: the offload
+      hooks move weights between devices inside the call, and a weight moved in
+      inference mode becomes an inference tensor that a later LoRA load or device move
+      outside it may not update. Set false for a custom pipeline that needs gradients
+      (gradient guidance under ``torch.enable_grad``).
     """
 
     device: str = "cpu"
@@ -113,6 +124,7 @@ class Runtime:
     cache_dir: str | None = None
     revision: str | None = None
     model_variant: str | None = None
+    inference_mode: bool = True
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> Runtime:
@@ -128,6 +140,7 @@ class Runtime:
             cache_dir=options.get("cacheDir"),
             revision=options.get("revision"),
             model_variant=options.get("modelVariant"),
+            inference_mode=bool(options.get("inferenceMode", True)),
         )
 
     def torch_device(self) -> Any:
@@ -245,15 +258,25 @@ def accepted_kwargs(pipe: Any) -> set[str]:
 _current = threading.local()
 
 
-def _check_cancel(_module: Any, _args: Any) -> None:
+def _check_cancel() -> None:
     token: CancelToken | None = getattr(_current, "token", None)
     if token is not None:
         token.raise_if_cancelled()
 
 
-#: How deep below a denoiser or VAE root the cancel hooks go: blocks and their resnets
+#: How deep below a denoiser or VAE root the cancel checks go: blocks and their resnets
 #: and attentions, not every conv and norm inside them.
 CANCEL_HOOK_DEPTH = 3
+
+
+def _checked_forward(forward: Any) -> Any:
+    @functools.wraps(forward)  # the signature stays the model's: pipelines inspect it
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        _check_cancel()
+        return forward(*args, **kwargs)
+
+    checked.genq_cancel_check = True  # type: ignore[attr-defined]
+    return checked
 
 
 def install_cancel_hooks(*modules: Any) -> int:
@@ -261,10 +284,15 @@ def install_cancel_hooks(*modules: Any) -> int:
     a VAE encoder or decoder) runs, so a cancel stops a pipeline within one block, not one
     step — a step of a large model, or a VAE pass over a megapixel image, takes seconds.
 
-    Only modules at most ``CANCEL_HOOK_DEPTH`` levels below the root get a hook: a Python
-    hook on every leaf layer cost ~15 % of a small model's run time for no faster cancel
+    Only modules at most ``CANCEL_HOOK_DEPTH`` levels below the root get a check: a Python
+    check on every leaf layer cost ~15 % of a small model's run time for no faster cancel
     that matters. Containers (ModuleList/ModuleDict) are never called, so they get none.
-    Returns how many hooks were installed."""
+
+    The check wraps the module's ``forward`` (as accelerate's hooks do), not a
+    ``register_forward_pre_hook``: any hook sends every call of its module down
+    ``nn.Module``'s slow path, which cost ~1 % of the tiny model's call for its 31 hooked
+    blocks (BENCHMARKS §4); the wrapper is one Python call. Returns how many modules got
+    a check; installing twice adds none."""
     import torch
 
     containers = (torch.nn.ModuleList, torch.nn.ModuleDict)
@@ -275,20 +303,35 @@ def install_cancel_hooks(*modules: Any) -> int:
         for name, m in root.named_modules():
             if isinstance(m, containers) or (name and name.count(".") >= CANCEL_HOOK_DEPTH):
                 continue
-            m.register_forward_pre_hook(_check_cancel)
+            if getattr(m.forward, "genq_cancel_check", False):
+                continue
+            m.forward = _checked_forward(m.forward)
             count += 1
     return count
 
 
 @contextlib.contextmanager
 def cancel_scope(token: CancelToken) -> Iterator[None]:
-    """Make ``token`` the one the block hooks check on this thread."""
+    """Make ``token`` the one the block checks check on this thread."""
     previous = getattr(_current, "token", None)
     _current.token = token
     try:
         yield
     finally:
         _current.token = previous
+
+
+@contextlib.contextmanager
+def running(token: CancelToken, runtime: Runtime) -> Iterator[None]:
+    """The scope of one pipeline call: ``token`` is the one the block checks check, and
+    the call runs in ``torch.inference_mode`` unless ``runtime`` turns it off (see
+    :class:`Runtime`: ``inferenceMode``, ``cpuOffload``)."""
+    with cancel_scope(token):
+        if runtime.inference_mode and not runtime.cpu_offload:
+            with _torch().inference_mode():
+                yield
+        else:
+            yield
 
 
 class StepReporter:
@@ -553,5 +596,5 @@ def output_files(
 __all__ = [
     "Adapters", "FORMATS", "ImageFile", "LOAD_LOCK", "LoraRef", "Runtime", "SAMPLERS", "Schedulers", "StepReporter",
     "accepted_kwargs", "acquire", "cancel_scope", "decode_image", "encode_image", "generators",
-    "install_cancel_hooks", "load_pipeline", "lora_ref", "output_files", "resolve_model", "seed_for",
+    "install_cancel_hooks", "load_pipeline", "lora_ref", "output_files", "resolve_model", "running", "seed_for",
 ]

@@ -101,7 +101,7 @@ class SDUpscaler:
         pipelines.acquire(self._lock, call.cancel)
         try:
             t0 = time.perf_counter()
-            with pipelines.cancel_scope(call.cancel):
+            with pipelines.running(call.cancel, self.runtime):
                 out = self.pipe(**kwargs).images[0]
             seconds = time.perf_counter() - t0
         finally:

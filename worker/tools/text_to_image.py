@@ -189,10 +189,11 @@ class TextToImageTool:
 
         pipelines.acquire(m.lock, call.cancel)
         try:
-            m.pipe.scheduler = scheduler
+            if m.pipe.scheduler is not scheduler:  # the setter rewrites the pipeline's config
+                m.pipe.scheduler = scheduler
             m.adapters.activate(variant)
             t0 = time.perf_counter()
-            with pipelines.cancel_scope(call.cancel):
+            with pipelines.running(call.cancel, self.runtime):
                 images = m.pipe(**kwargs).images
             seconds = time.perf_counter() - t0
         finally:
