@@ -191,7 +191,8 @@ class ImageEditTool:
 
         pipelines.acquire(m.lock, call.cancel)
         try:
-            m.pipe.scheduler = m.schedulers[v.name]
+            if m.pipe.scheduler is not m.schedulers[v.name]:  # the setter rewrites the pipeline's config
+                m.pipe.scheduler = m.schedulers[v.name]
             m.adapters.activate(v.name if v.lora is not None else None)
             t0 = time.perf_counter()
             with pipelines.running(call.cancel, self.runtime):

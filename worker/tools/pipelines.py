@@ -109,7 +109,7 @@ class Runtime:
       variant (``fp16``) passed to ``from_pretrained``.
     * ``inferenceMode`` (true): pipeline calls run in ``torch.inference_mode`` rather than
       only the ``no_grad`` diffusers' pipelines set: no autograd bookkeeping per tensor
-      (version counters, view tracking), ~3 % of a small model's call on CPU, where
+      (version counters, view tracking): 3–8 % of a small model's call on CPU, where
       per-op overhead is the cost (BENCHMARKS §4). Off with ``cpuOffload``: the offload
       hooks move weights between devices inside the call, and a weight moved in
       inference mode becomes an inference tensor that a later LoRA load or device move
@@ -312,7 +312,7 @@ def install_cancel_hooks(*modules: Any) -> int:
 
 @contextlib.contextmanager
 def cancel_scope(token: CancelToken) -> Iterator[None]:
-    """Make ``token`` the one the block checks check on this thread."""
+    """Make ``token`` the one the block cancel checks test on this thread."""
     previous = getattr(_current, "token", None)
     _current.token = token
     try:
@@ -323,8 +323,8 @@ def cancel_scope(token: CancelToken) -> Iterator[None]:
 
 @contextlib.contextmanager
 def running(token: CancelToken, runtime: Runtime) -> Iterator[None]:
-    """The scope of one pipeline call: ``token`` is the one the block checks check, and
-    the call runs in ``torch.inference_mode`` unless ``runtime`` turns it off (see
+    """The scope of one pipeline call: ``token`` is the one the block cancel checks test,
+    and the call runs in ``torch.inference_mode`` unless ``runtime`` turns it off (see
     :class:`Runtime`: ``inferenceMode``, ``cpuOffload``)."""
     with cancel_scope(token):
         if runtime.inference_mode and not runtime.cpu_offload:
