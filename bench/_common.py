@@ -127,6 +127,50 @@ def start_bare(work: Path, *, loop: str = "auto", profile: Path | None = None) -
     return Server(proc, url, None, log)
 
 
+_BARE_LOOP = r"""
+import sys, time, torch
+torch.set_num_threads(1)
+from diffusers import AutoPipelineForText2Image
+path, steps, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+pipe = AutoPipelineForText2Image.from_pretrained(path)
+pipe.set_progress_bar_config(disable=True)
+pipe("warm up", width=size, height=size, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
+print("ready", flush=True)
+for line in sys.stdin:
+    wall, cpu = time.perf_counter(), time.thread_time()
+    for i in range(int(line)):
+        pipe(f"prompt {i}", width=size, height=size, num_inference_steps=steps, generator=torch.Generator().manual_seed(i))
+    print(time.perf_counter() - wall, time.thread_time() - cpu, flush=True)
+"""
+
+
+class BareLoop:
+    """A bare pipeline loop (the tiny text-to-image model at ``model``, one torch thread)
+    in its own process, kept loaded and driven chunk by chunk over a pipe, so a bench can
+    alternate it with other sides of a comparison."""
+
+    def __init__(self, model: Path, steps: int, size: int, cwd: Path):
+        self.proc = subprocess.Popen([sys.executable, "-c", _BARE_LOOP, str(model), str(steps), str(size)], cwd=cwd,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready", "the bare loop did not start"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def chunk(self, n: int) -> tuple[float, float]:
+        """Run ``n`` calls; their wall seconds and the loop thread's CPU seconds."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        wall, cpu = self.proc.stdout.readline().split()
+        return float(wall), float(cpu)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
 @contextlib.contextmanager
 def workdir(keep: bool = False) -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="genq-bench-"))

@@ -21,36 +21,17 @@ It prints each side's median ratio to the bare call and the quartiles. The sides
 from __future__ import annotations
 
 import argparse
-import contextlib
 import asyncio
+import contextlib
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import workdir  # noqa: E402
-
-LOOP = r"""
-import sys, time, torch
-torch.set_num_threads(1)
-from diffusers import AutoPipelineForText2Image
-path, steps, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-pipe = AutoPipelineForText2Image.from_pretrained(path)
-pipe.set_progress_bar_config(disable=True)
-pipe("warm up", width=size, height=size, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
-print("ready", flush=True)
-for line in sys.stdin:
-    n = int(line)
-    t = time.thread_time_ns()
-    for i in range(n):
-        pipe(f"prompt {i}", width=size, height=size, num_inference_steps=steps, generator=torch.Generator().manual_seed(i))
-    print(time.thread_time_ns() - t, flush=True)
-"""
-
+from _common import BareLoop, workdir  # noqa: E402
 
 def pin(pid: int, cpu: int) -> None:
     for tid in os.listdir(f"/proc/{pid}/task"):
@@ -79,10 +60,8 @@ async def run(a: argparse.Namespace, model: Path, work: Path) -> dict[str, list[
     process_tool = build_tool(spec, slots=1, isolation="process")
     await process_tool.aload()
     child = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _is_child_of(int(p), os.getpid()))
-    other = subprocess.Popen([sys.executable, "-c", LOOP, str(model), str(a.steps), str(a.size)], cwd=work,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    other = BareLoop(model, a.steps, a.size, work)
     try:
-        assert other.stdout.readline().strip() == "ready", "the other process did not start"
         for pid in (os.getpid(), child, other.pid):
             pin(pid, a.cpu)
 
@@ -105,9 +84,7 @@ async def run(a: argparse.Namespace, model: Path, work: Path) -> dict[str, list[
             if name == "bare in inference mode":
                 return bare(n, torch.inference_mode)
             if name == "other process":
-                other.stdin.write(f"{n}\n")
-                other.stdin.flush()
-                return int(other.stdout.readline())
+                return int(other.chunk(n)[1] * 1e9)
             if name == "tool on a thread":
                 t = time.thread_time_ns()
                 for i in range(n):
@@ -132,7 +109,7 @@ async def run(a: argparse.Namespace, model: Path, work: Path) -> dict[str, list[
                   + " | ".join(f"{n} {row[n] / row['bare']:.3f}" for n in names[1:]), flush=True)
         return ratios
     finally:
-        other.kill()
+        other.close()
         await process_tool.aclose()
 
 

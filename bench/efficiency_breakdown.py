@@ -25,33 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ADMIN, median, start_genq, workdir  # noqa: E402
+from _common import ADMIN, BareLoop, median, start_genq, workdir  # noqa: E402
 from pipeline_efficiency import _ts  # noqa: E402
-
-LOOP = r"""
-import sys, time, torch
-torch.set_num_threads(1)
-from diffusers import AutoPipelineForText2Image
-path, steps, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-pipe = AutoPipelineForText2Image.from_pretrained(path)
-pipe.set_progress_bar_config(disable=True)
-pipe("warm up", width=size, height=size, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
-print("ready", flush=True)
-for line in sys.stdin:
-    total = 0.0
-    for i in range(int(line)):
-        t = time.perf_counter()
-        pipe(f"prompt {i}", width=size, height=size, num_inference_steps=steps, generator=torch.Generator().manual_seed(i))
-        total += time.perf_counter() - t
-    print(1000 * total / int(line), flush=True)
-"""
-
 
 async def genq_chunk(client, n: int, steps: int, size: int) -> tuple[float, float]:
     ids = []
@@ -132,14 +112,15 @@ def main() -> None:
         options = {"device": "cpu", "dtype": "float32", "threads": 1}
         server = start_genq(work, {"tools": [{"tool": {"kind": "textToImage", "name": "t2i"}, "model": str(model),
                                               "maxWorkers": 1, "maxQueued": 100_000, "options": options}]})
-        bare = subprocess.Popen([sys.executable, "-c", LOOP, str(model), str(a.steps), str(a.size)], cwd=work,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            bare = BareLoop(model, a.steps, a.size, work)
+        except BaseException:
+            server.stop()
+            raise
         rows: list[dict[str, float]] = []
 
         def bare_chunk(n: int) -> float:
-            bare.stdin.write(f"{n}\n")
-            bare.stdin.flush()
-            return float(bare.stdout.readline())
+            return 1000 * bare.chunk(n)[0] / n  # the mean call, ms
 
         async def run() -> None:
             spec = ToolSpec.model_validate({"tool": {"kind": "textToImage", "name": "t2i"}, "model": str(model),
@@ -170,10 +151,9 @@ def main() -> None:
                 await tool.aclose()
 
         try:
-            assert bare.stdout.readline().strip() == "ready", "the bare loop did not start"
             asyncio.run(run())
         finally:
-            bare.kill()
+            bare.close()
             server.stop()
 
     def ratio(key: str) -> float:
