@@ -103,9 +103,17 @@ async def test_priority_then_fifo(worker, api):
     assert got == ["high-0", "high-1", "normal-0", "normal-1", "low-0", "low-1"]
 
 
-async def test_a_high_job_published_after_high_was_found_empty_goes_next(worker, api):
+async def test_a_high_job_published_after_high_was_found_empty_goes_next(worker, api, monkeypatch):
     """``high`` was empty when asked and is skipped by the following pulls, but a high
-    job published while normal jobs wait is the very next one taken."""
+    job published while normal jobs wait is the very next one taken.
+
+    Only the kick may bring ``high`` back here: the recheck timer is stretched, since the
+    counter's quiet spells (0.3 s or more each) can outlast its 0.5 s on a slow host (it
+    did once in CI: ``high`` was asked again by the second pull). The timer has its own
+    tests below."""
+    import genq.adapters.nats as nats_adapter
+
+    monkeypatch.setattr(nats_adapter, "EMPTY_RECHECK_SECONDS", 60.0)
     for i in range(5):
         await api.publish_job(TOOL, "normal", f"normal-{i}")
     counter = await PullCounter.start(api.url)
