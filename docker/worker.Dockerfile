@@ -12,16 +12,20 @@ ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 # -- build ------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# EXTRAS: genq's optional dependency groups, comma-separated. `ml` (the default) is the
+# GPU worker; EXTRAS="" builds a small worker without torch (python tools and the Lanczos
+# upscale only), which is what the project's real-node tests run.
+ARG EXTRAS=ml
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 RUN python -m venv /opt/genq
 COPY pyproject.toml ./
 # 1. torch and torchvision, at pyproject's pins, from the CUDA index only (no fallback to
-#    PyPI's build); 2. the rest of the dependencies and the ml extra from PyPI, with torch
+#    PyPI's build); 2. the rest of the dependencies and the extras from PyPI, with torch
 #    already satisfied.
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['ml']))" > requirements.txt \
- && grep -E '^(torch|torchvision)==' requirements.txt > torch.txt \
- && /opt/genq/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" -r torch.txt \
+RUN EXTRAS="${EXTRAS}" python -c "import os, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; extras = [e for e in os.environ['EXTRAS'].split(',') if e]; print('\n'.join(p['dependencies'] + [r for e in extras for r in p['optional-dependencies'][e]]))" > requirements.txt \
+ && { grep -E '^(torch|torchvision)==' requirements.txt > torch.txt || true; } \
+ && if [ -s torch.txt ]; then /opt/genq/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" -r torch.txt; fi \
  && /opt/genq/bin/pip install --no-cache-dir -r requirements.txt
 COPY README.md ./
 COPY src ./src

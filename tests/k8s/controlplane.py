@@ -292,10 +292,15 @@ def start(
     controller_manager: bool = True,
     manifests: Sequence[Path] = (CRDS,),
     apiserver_args: Sequence[str] = (),
+    node_ip: str | None = None,
 ) -> ControlPlane:
     """Start etcd, kube-apiserver and (optionally) kube-controller-manager, apply
     ``manifests``, and return the running :class:`ControlPlane`. On any failure whatever
-    was started is stopped again."""
+    was started is stopped again.
+
+    ``node_ip``: the control plane of a real node (``node.py``). The apiserver listens and
+    advertises there, so pods reach it through the ``kubernetes`` Service, and pods get
+    ServiceAccount tokens (the admission plugin is on)."""
     workdir.mkdir(parents=True, exist_ok=True)
     pki = workdir / "pki"
     pki.mkdir(exist_ok=True)
@@ -309,6 +314,7 @@ def start(
         *(x509.DNSName(n) for n in ("kubernetes", "kubernetes.default", "kubernetes.default.svc")),
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         x509.IPAddress(next(ipaddress.ip_network(SERVICE_CIDR).hosts())),
+        *([x509.IPAddress(ipaddress.ip_address(node_ip))] if node_ip else []),
     ]
     serving_crt, serving_key = _issue(_name("kube-apiserver"), ca, sans=sans, usage=ExtendedKeyUsageOID.SERVER_AUTH).write(pki, "apiserver")
     admin_crt, admin_key = _issue(_name(ADMIN_USER, ADMIN_GROUP), ca, usage=ExtendedKeyUsageOID.CLIENT_AUTH).write(pki, "admin")
@@ -317,7 +323,8 @@ def start(
     (pki / "sa.pub").write_bytes(sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
 
     etcd_port, peer_port, api_port, kcm_port = (free_port() for _ in range(4))
-    server = f"https://127.0.0.1:{api_port}"
+    host = node_ip or "127.0.0.1"
+    server = f"https://{host}:{api_port}"
     kubeconfig = workdir / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump(_kubeconfig(server, ca_file, admin_crt, admin_key)))
     kubeconfig.chmod(0o600)
@@ -337,7 +344,7 @@ def start(
 
         cp._spawn("kube-apiserver", [
             f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", f"--secure-port={api_port}", "--advertise-address=127.0.0.1",
+            f"--bind-address={host}", f"--secure-port={api_port}", f"--advertise-address={host}",
             f"--tls-cert-file={serving_crt}", f"--tls-private-key-file={serving_key}",
             f"--client-ca-file={ca_file}",
             "--authorization-mode=RBAC",
@@ -345,9 +352,15 @@ def start(
             f"--service-account-issuer={server}/",
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
-            # envtest's: the ServiceAccount admission plugin would require every namespace's
-            # default ServiceAccount before any pod is admitted.
-            "--disable-admission-plugins=ServiceAccount",
+            *(
+                # Pods run: they get projected ServiceAccount tokens, and the apiserver
+                # reaches the kubelet (logs, exec, port-forward) at the node's address.
+                ["--kubelet-preferred-address-types=InternalIP"] if node_ip else
+                # envtest's: without a kubelet no pod runs, and the ServiceAccount
+                # admission plugin would require every namespace's default
+                # ServiceAccount before any pod is admitted.
+                ["--disable-admission-plugins=ServiceAccount"]
+            ),
             "--allow-privileged=true",
             # Close watches (the controller manager's, an operator's) 1 s into a graceful
             # shutdown; unset, SIGTERM waits for them until STOP_TIMEOUT's SIGKILL.
