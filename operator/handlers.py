@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ import pydantic
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
+from kopf._core.intents import handlers as kopf_handlers
 from kubernetes_asyncio.leaderelection.resourcelock.leaselock import LeaseLock
 
 from genq import constants
@@ -324,7 +326,22 @@ def make_registry(reconciler: PoolReconciler, config: OperatorConfig) -> kopf.Op
         if _status_changed(body.get("status"), status):
             patch.status.update(status)
 
+    _timers_without_finalizer(registry)
     return registry
+
+
+def _timers_without_finalizer(registry: kopf.OperatorRegistry) -> None:
+    """kopf puts its finalizer on every object with a timer, so that it can stop the timer
+    before the object goes. The scaler needs no such goodbye (the garbage collector takes
+    the worker Deployment), and the finalizer left ToolPools stuck in Terminating after
+    `helm uninstall`, which deletes the operator with them (found on the real node). kopf
+    has no public switch for it (1.45): the timers' handlers are replaced by copies that
+    do not require it, and kopf then also removes the finalizer from existing pools."""
+    spawning = registry._spawning  # noqa: SLF001 - see above; tests/test_operator_pure.py checks it
+    spawning._handlers = [  # noqa: SLF001
+        dataclasses.replace(h, requires_finalizer=False) if isinstance(h, kopf_handlers.TimerHandler) else h
+        for h in spawning.get_all_handlers()
+    ]
 
 
 async def operate(

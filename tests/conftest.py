@@ -169,3 +169,5 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "genq(**settings): settings for the live genq fixture")
+    config.addinivalue_line("markers", "node: needs the real node (tests/k8s/node.py: root, containerd, kubelet; "
+                                       "its Debian packages come from .ci/run)")

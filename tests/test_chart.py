@@ -28,7 +28,6 @@ import ssl
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -38,7 +37,8 @@ import yaml
 
 from genq import constants
 from genq.adapters.nats_server import EmbeddedNats
-from helm.helmbin import helm_bin  # noqa: F401  (the session fixture)
+from helm.helmbin import chart_with_nats_stub, helm_bin, run_helm  # noqa: F401  (helm_bin: the session fixture)
+from k8s import servers
 from k8s.controlplane import control_plane, free_port  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.k8s
@@ -56,29 +56,12 @@ S3_KEY, S3_SECRET = "genq-test-key", "genq-test-secret"
 
 @pytest.fixture(scope="module")
 def chart(tmp_path_factory) -> Path:
-    """The chart with a stand-in for the NATS dependency in charts/ (helm refuses to
-    render a chart whose dependency is missing, even a disabled one)."""
-    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    dep = next(d for d in meta["dependencies"] if d["name"] == "nats")
-    copy = tmp_path_factory.mktemp("chart") / "genq"
-    shutil.copytree(CHART, copy)
-    stub = copy / "charts" / "nats"
-    stub.mkdir(parents=True)
-    version = dep["version"].replace(".x", ".0")
-    (stub / "Chart.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "v2", "name": "nats", "version": version,
-        "description": "test stand-in for the official NATS chart (renders nothing)"}))
-    return copy
+    """The chart with a stand-in for the NATS dependency (see chart_with_nats_stub)."""
+    return chart_with_nats_stub(CHART, tmp_path_factory.mktemp("chart"))
 
 
 def helm(helm_bin: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:  # noqa: F811
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBE")}
-    home = Path(os.environ.get("TMPDIR", "/tmp")) / "genq-helm-home"
-    env.update(HELM_CACHE_HOME=str(home / "cache"), HELM_CONFIG_HOME=str(home / "config"), HELM_DATA_HOME=str(home / "data"))
-    r = subprocess.run([str(helm_bin), *args], capture_output=True, text=True, env=env, timeout=120)
-    if check and r.returncode:
-        raise AssertionError(f"helm {' '.join(args)} exited with {r.returncode}:\n{r.stdout}{r.stderr}")
-    return r
+    return run_helm(helm_bin, *args, check=check, timeout=120)
 
 
 def render(helm_bin: Path, chart: Path, namespace: str, *values: str, sets: dict[str, str] | None = None) -> list[dict]:  # noqa: F811
@@ -206,26 +189,6 @@ def test_worker_cannot_change_job_spec_by_rbac():
 # -- against the apiserver -----------------------------------------------------------------
 
 
-def _start_moto(log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
-            return proc, url
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto did not answer on {url}") from None
-            time.sleep(0.2)
-
-
 class Installed:
     """The all-on chart applied to a fresh namespace of the test apiserver."""
 
@@ -265,7 +228,7 @@ def installed(control_plane, helm_bin, chart, tmp_path_factory):  # noqa: F811
     workdir = tmp_path_factory.mktemp("chart-install")
     nats = EmbeddedNats(workdir / "nats")
     nats.start()
-    moto, s3_url = _start_moto(workdir / "moto.log")
+    moto, s3_url = servers.start_moto(workdir / "moto.log")
     namespace = f"genq-chart-{uuid.uuid4().hex[:6]}"
     docs: list[dict] = []
     try:
@@ -291,11 +254,7 @@ def installed(control_plane, helm_bin, chart, tmp_path_factory):  # noqa: F811
         for doc in docs:
             if doc["kind"] in ("ClusterRole", "ClusterRoleBinding"):
                 cp.kubectl("delete", doc["kind"].lower(), doc["metadata"]["name"], check=False)
-        moto.send_signal(signal.SIGTERM)
-        try:
-            moto.wait(10)
-        except subprocess.TimeoutExpired:
-            moto.kill()
+        servers.stop(moto)
         nats.stop()
 
 

@@ -255,3 +255,18 @@ def test_operator_config_from_env_passes_genq_settings_to_workers():
         "HOME": "/root"})
     assert c.worker_env == {"GENQ_NATS_URL": "nats://nats:4222", "GENQ_S3_BUCKET": "b"}
     assert c.worker_image == "w:1" and c.namespaces == ["a", "b"] and c.worker_probes is False
+
+
+def test_no_handler_puts_a_finalizer_on_toolpools():
+    """helm uninstall deletes the operator with the ToolPools: a pool carrying the
+    operator's finalizer then stays Terminating for ever (seen on the real node). The
+    scaler's timer would make kopf add one; the registry must not ask for it."""
+    import types
+
+    from genq.operator.handlers import OperatorConfig, make_registry
+
+    registry = make_registry(types.SimpleNamespace(), OperatorConfig())
+    spawning = registry._spawning.get_all_handlers()
+    assert spawning, "the scaler's timer is registered"
+    assert not any(h.requires_finalizer for h in spawning)
+    assert not any(h.requires_finalizer for h in registry._changing.get_all_handlers())

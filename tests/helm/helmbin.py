@@ -46,3 +46,36 @@ def helm_bin() -> Path:
             pytest.fail(reason)
         pytest.skip(reason)
     return path
+
+
+def run_helm(helm_bin: Path, *args: str, kubeconfig: Path | None = None, check: bool = True,
+             timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run helm with its own cache/config folders (never the user's) and no KUBE* variables
+    of the caller's environment; ``kubeconfig`` names the cluster."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBE")}
+    home = Path(os.environ.get("TMPDIR", "/tmp")) / "genq-helm-home"
+    env.update(HELM_CACHE_HOME=str(home / "cache"), HELM_CONFIG_HOME=str(home / "config"), HELM_DATA_HOME=str(home / "data"))
+    if kubeconfig is not None:
+        args = (*args, "--kubeconfig", str(kubeconfig))
+    r = subprocess.run([str(helm_bin), *args], capture_output=True, text=True, env=env, timeout=timeout)
+    if check and r.returncode:
+        raise AssertionError(f"helm {' '.join(args)} exited with {r.returncode}:\n{r.stdout}{r.stderr}")
+    return r
+
+
+def chart_with_nats_stub(chart: Path, dest: Path) -> Path:
+    """A copy of ``chart`` with a stand-in for its NATS dependency in charts/: helm refuses
+    to render a chart whose dependency is missing, even a disabled one, and no chart
+    repository is reachable here. The stand-in renders nothing."""
+    import yaml
+
+    meta = yaml.safe_load((chart / "Chart.yaml").read_text())
+    dep = next(d for d in meta["dependencies"] if d["name"] == "nats")
+    copy = dest / chart.name
+    shutil.copytree(chart, copy)
+    stub = copy / "charts" / "nats"
+    stub.mkdir(parents=True)
+    (stub / "Chart.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "v2", "name": "nats", "version": dep["version"].replace(".x", ".0"),
+        "description": "test stand-in for the official NATS chart (renders nothing)"}))
+    return copy
