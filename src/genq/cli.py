@@ -183,11 +183,11 @@ def operator() -> None:
             # Cluster mode: the kopf handlers (ToolPools → worker Deployments, scaling)
             # under leader election, beside the GenerationJob housekeeping. Housekeeping
             # is safe on every replica: each of its moves is a compare-and-set.
-            from genq.operator.handlers import OperatorConfig, lead_and_operate
+            from genq.operator.handlers import lead_and_operate
 
             hk_task = asyncio.create_task(hk.run())
             try:
-                await lead_and_operate(OperatorConfig.from_env(), kubeconfig=str(s.kubeconfig) if s.kubeconfig else None)
+                await lead_and_operate(s)
             finally:
                 hk.stop()
                 await hk_task
