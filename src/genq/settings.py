@@ -37,7 +37,8 @@ def worker_env_of(env: Mapping[str, str]) -> dict[str, str]:
 class OperatorSettings(BaseSettings):
     """How ``genq operator`` runs its ToolPool handlers (``GENQ_OPERATOR_*``)."""
 
-    model_config = SettingsConfigDict(env_prefix="GENQ_OPERATOR_", extra="ignore", env_ignore_empty=True)
+    model_config = SettingsConfigDict(env_prefix="GENQ_OPERATOR_", extra="ignore", env_ignore_empty=True,
+                                      populate_by_name=True)
 
     worker_image: str = "ghcr.io/genq/genq-worker:latest"
     """Image of the worker pods when a pool names none. The chart sets its own worker
