@@ -119,12 +119,13 @@ class Job:
 
 
 #: The fields of :class:`Job` a ``transition`` or ``update`` may change, in every
-#: ``JobStore``: what a job is (id, owner, tool), where it queues (``seq``, set by the
-#: store on create and requeue), when it was made and its version never change.
+#: ``JobStore`` (others raise ``ValueError``): what a job is and what was asked of it (id,
+#: owner, tool, variant, priority, params, inputs — a GenerationJob's spec), when it was
+#: made, where it queues (``seq``: the store's, on create and requeue) and its version.
 MUTABLE_FIELDS = frozenset({
-    "variant", "priority", "status", "started_at", "completed_at", "expires_at", "heartbeat_at",
-    "stream_seq", "attempts", "progress", "seed", "worker", "params", "inputs", "results", "result_meta",
-    "error", "max_attempts", "deadline_seconds", "ttl_seconds", "delivery",
+    "status", "started_at", "completed_at", "expires_at", "heartbeat_at", "stream_seq", "attempts",
+    "progress", "seed", "worker", "results", "result_meta", "error", "max_attempts", "deadline_seconds",
+    "ttl_seconds", "delivery",
 })
 
 

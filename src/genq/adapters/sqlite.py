@@ -815,11 +815,10 @@ class SQLiteStore:
 #: every field kept in the JSON blob rewrites ``data``.
 _CAS_COLUMNS: dict[str, tuple[tuple[str, Callable[[Job], Any]], ...]] = {
     **{f: ((f, lambda j, f=f: getattr(j, f)),) for f in sorted(MUTABLE_FIELDS) if f not in _DATA_FIELDS},
-    **{f: (("data", _encode_data),) for f in _DATA_FIELDS},
+    **{f: (("data", _encode_data),) for f in _DATA_FIELDS if f in MUTABLE_FIELDS},
     "status": (("status", lambda j: j.status.value), ("deadline_at", _deadline_at)),
     "started_at": (("started_at", lambda j: j.started_at), ("deadline_at", _deadline_at)),
     "deadline_seconds": (("data", _encode_data), ("deadline_at", _deadline_at)),
-    "priority": (("priority", lambda j: j.priority.value), ("prank", lambda j: j.priority.rank)),
 }
 
 

@@ -26,9 +26,6 @@ from genq.models import FileRef, Job, Priority, Status, parse_rfc3339, rfc3339
 GROUP, VERSION, PLURAL = constants.API_GROUP, constants.API_VERSION, constants.GENERATIONJOB_PLURAL
 API_VERSION = f"{GROUP}/{VERSION}"
 
-#: Job fields kept in the spec: a status write cannot change them, so a store refuses to.
-SPEC_FIXED = ("variant", "priority", "params", "inputs")
-
 #: The ``Succeeded`` condition's reason for each status: ``kubectl get gjob`` shows it.
 STATUS_REASON = {
     Status.QUEUED: constants.REASON_QUEUED,

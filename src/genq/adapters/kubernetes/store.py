@@ -478,8 +478,5 @@ class KubernetesStore:
 def _evolved(current: Job, changes: dict[str, Any], requeue: bool) -> Job:
     """``current`` with ``changes``; a new place in the queue on ``requeue``."""
     new = current.evolve(**changes)
-    for f in mapping.SPEC_FIXED:
-        if getattr(new, f) != getattr(current, f):
-            raise ValueError(f"{f} is immutable in a GenerationJob")
     return new.evolve(seq=mapping.queue_sequence()) if requeue else new
 
