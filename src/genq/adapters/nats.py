@@ -47,8 +47,7 @@ _REQUEST_TIMEOUT = 2.0
 #: a republish by housekeeping of a job whose stream position was not noted (5 s after
 #: the submit, or when a failing store recovers). Longer gaps cost only a duplicate
 #: delivery, which the worker's compare-and-set turns into a no-op. Not longer: the server
-#: keeps every id for the whole window, ~300 bytes each (24 h at 14 jobs/s grew
-#: nats-server by 0.2 MB a minute, ~350 MB a day; bench/soak.py, BENCHMARKS.md §7).
+#: keeps every id for the whole window (its memory cost: BENCHMARKS.md §7).
 DUPLICATE_WINDOW_SECONDS = 600.0
 
 #: How long a pull trusts that a consumer it found empty is still empty, when no kick for
