@@ -5,8 +5,8 @@ Each setting says why its default is what it is. The tools themselves are config
 one component only are grouped (kopf's habit): :class:`OperatorSettings` is
 ``Settings.operator``, read from ``GENQ_OPERATOR_*``.
 
-Neighbours: read by ``genq.cli`` (once per process) and handed down; nothing else reads
-the environment.
+Neighbours: read once per process by ``genq.cli`` and handed down to the runtime
+(:mod:`genq.runtime`), the embedded mode and the operator (``Settings.operator``).
 """
 
 from __future__ import annotations
