@@ -1,4 +1,4 @@
-"""FastAPI dependencies: the runtime, the caller (authenticated and rate-limited), admin."""
+"""FastAPI dependencies: the job service, the caller (authenticated and rate-limited), admin."""
 
 from __future__ import annotations
 
@@ -7,14 +7,9 @@ from fastapi import Depends, Request
 from genq.api.auth import Principal
 from genq.api.errors import ApiError
 from genq.api.service import JobService
-from genq.runtime import Runtime
 
 
 # async: FastAPI runs a plain ``def`` dependency in its thread pool (a thread hop per request).
-async def runtime(request: Request) -> Runtime:
-    return request.app.state.runtime
-
-
 async def service(request: Request) -> JobService:
     return request.app.state.service
 

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from genq.models import Job, Priority
+from genq.models import Job, Priority, rfc3339
 
 
 def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """A time as the API shows it: RFC 3339 in UTC, milliseconds."""
+    return rfc3339(ts, digits=3)
 
 
 class JobCreate(BaseModel):

@@ -6,7 +6,7 @@
   Deployment of a ToolPool, the replicas it should have, its status conditions.
 - :mod:`.backlog` — a ToolPool's JetStream backlog and warm requests.
 - :mod:`.handlers` — the kopf handlers (the only module here that imports kopf and the
-  Kubernetes client), started by ``run_operator()``.
+  Kubernetes client), started by ``genq operator`` through ``lead_and_operate()``.
 
 Neighbours: the ports and adapters only; never the API or the worker.
 """

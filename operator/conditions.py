@@ -3,15 +3,19 @@
 Every reason is CamelCase (Kubernetes API conventions: a programmatic identifier, like
 KEDA's and Kueue's). :func:`pool_status` is pure: from what the operator observed (the
 Deployment, the backlog) it builds the whole ``status`` the handlers write through the
-status subresource. Neighbours: :mod:`genq.operator.scaling` (the numbers),
-:mod:`genq.operator.handlers` (writes the result).
+status subresource.
+
+Neighbours: :mod:`genq.conditions` (the condition builder, shared with the job store),
+:mod:`genq.operator.scaling` (the numbers), :mod:`genq.operator.handlers` (writes the
+result).
 """
 
 from __future__ import annotations
 
-import datetime
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
+
+from genq.conditions import set_condition
 
 # Condition types.
 READY = "Ready"
@@ -36,39 +40,6 @@ EVENT_SCALED_UP = "ScaledUp"
 EVENT_SCALED_DOWN = "ScaledDown"
 EVENT_BACKLOG_UNAVAILABLE = "BacklogUnavailable"
 EVENT_RECONCILE_FAILED = "ReconcileFailed"
-
-
-def now_rfc3339(now: float) -> str:
-    return datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def set_condition(
-    conditions: Sequence[Mapping[str, Any]] | None,
-    type_: str,
-    status: str,
-    reason: str,
-    message: str,
-    *,
-    generation: int,
-    now: float,
-) -> list[dict[str, Any]]:
-    """``conditions`` with ``type_`` set; ``lastTransitionTime`` moves only when the
-    status does (metav1.Condition semantics). Returns a new list; order is kept."""
-    out: list[dict[str, Any]] = []
-    found = False
-    for c in conditions or ():
-        c = dict(c)
-        if c.get("type") == type_:
-            found = True
-            changed = c.get("status") != status
-            c.update(status=status, reason=reason, message=message, observedGeneration=generation)
-            if changed or not c.get("lastTransitionTime"):
-                c["lastTransitionTime"] = now_rfc3339(now)
-        out.append(c)
-    if not found:
-        out.append({"type": type_, "status": status, "reason": reason, "message": message,
-                    "observedGeneration": generation, "lastTransitionTime": now_rfc3339(now)})
-    return out
 
 
 def pool_status(

@@ -16,7 +16,10 @@ Thin on purpose: what to build and how many workers to run is decided by pure fu
   its own CRDs) inside a Kubernetes Lease leader election; a replica that loses the Lease
   stops its handlers and exits, and its Deployment restarts it as a follower.
 
-Only this module imports kopf and kubernetes_asyncio (``.importlinter``).
+Neighbours: configured by :class:`genq.settings.OperatorSettings` (``Settings.operator``);
+reaches the apiserver through :mod:`genq.adapters.kubernetes.client`, as the job store
+does; started by ``genq operator`` (:func:`lead_and_operate`). Only this module of the
+operator imports kopf and kubernetes_asyncio (``.importlinter``).
 """
 
 from __future__ import annotations
@@ -26,26 +29,25 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import kopf
 import pydantic
 from kubernetes_asyncio import client as k8s
-from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 from kopf._core.intents import handlers as kopf_handlers
 from kubernetes_asyncio.leaderelection.resourcelock.leaselock import LeaseLock
 
+from genq import conditions as kube_conditions
 from genq import constants
+from genq.adapters.kubernetes import client as kube_client
 from genq.operator import conditions, resources, scaling
+from genq.settings import OperatorSettings, Settings
 from genq.tools import ToolSpec
 
 log = logging.getLogger(__name__)
@@ -53,56 +55,6 @@ log = logging.getLogger(__name__)
 APPLY = "application/apply-patch+yaml"
 MERGE = "application/merge-patch+json"
 GROUP, VERSION = constants.API_GROUP, constants.API_VERSION
-
-
-@dataclass
-class OperatorConfig:
-    """How the operator runs. Read from ``GENQ_OPERATOR_*`` by :meth:`from_env`."""
-
-    worker_image: str = "ghcr.io/genq/genq-worker:latest"
-    """Image of the worker pods when a pool names none."""
-    worker_env: dict[str, str] = field(default_factory=dict)
-    """``GENQ_*`` settings every worker gets (NATS URL, object storage, timings)."""
-    worker_probes: bool = True
-    """HTTP probes on the workers' health port; off for worker images that serve none."""
-    worker_service_account: str = "genq-worker"
-    """ServiceAccount the worker pods run as (the Helm chart's worker ServiceAccount)."""
-    worker_env_secret: str = "genq-worker"
-    """Optional Secret whose keys every worker gets as environment variables (e.g. S3
-    credentials), so secrets never appear in the Deployment itself."""
-    namespaces: list[str] = field(default_factory=list)
-    """Namespaces to watch; empty means cluster-wide."""
-    scale_interval: float = 5.0
-    """Seconds between backlog reads per pool: scale-up latency versus JetStream and
-    apiserver load (one consumer-info request per priority, one pod list, per pool)."""
-    ack_wait_seconds: float = 30.0
-    """The consumers' ack wait, as the API and workers use (``GENQ_ACK_WAIT_SECONDS``)."""
-    lease_namespace: str = "default"
-    """Namespace of the leader-election Lease (the operator's own)."""
-    lease_seconds: float = 15.0
-    """Lease duration: how long a dead leader blocks its successor (client-go's default)."""
-    identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorConfig:
-        worker_env = {k: v for k, v in env.items() if k.startswith("GENQ_") and not k.startswith("GENQ_OPERATOR_")}
-        # The worker's own (set per pod by the Deployment) or the API's, not the workers'.
-        for k in ("GENQ_CONFIG", "GENQ_STORE", "GENQ_HOST", "GENQ_PORT", "GENQ_ADMIN_KEY", "GENQ_KUBECONFIG",
-                  "GENQ_KUBE_NAMESPACE", "GENQ_DRAIN_SECONDS"):
-            worker_env.pop(k, None)
-        ns = env.get("GENQ_OPERATOR_NAMESPACES", "")
-        return cls(
-            worker_image=env.get("GENQ_OPERATOR_WORKER_IMAGE", cls.worker_image),
-            worker_env=worker_env,
-            worker_probes=env.get("GENQ_OPERATOR_WORKER_PROBES", "true").lower() not in ("0", "false", "no"),
-            worker_service_account=env.get("GENQ_OPERATOR_WORKER_SERVICE_ACCOUNT") or cls.worker_service_account,
-            worker_env_secret=env.get("GENQ_OPERATOR_WORKER_ENV_SECRET") or cls.worker_env_secret,
-            namespaces=[n for n in ns.split(",") if n],
-            scale_interval=float(env.get("GENQ_OPERATOR_SCALE_INTERVAL", cls.scale_interval)),
-            ack_wait_seconds=float(env.get("GENQ_ACK_WAIT_SECONDS", cls.ack_wait_seconds)),
-            lease_namespace=env.get("GENQ_OPERATOR_LEASE_NAMESPACE") or env.get("POD_NAMESPACE") or "default",
-            lease_seconds=float(env.get("GENQ_OPERATOR_LEASE_SECONDS", cls.lease_seconds)),
-        )
 
 
 BacklogFn = Callable[[str], Awaitable[scaling.Backlog]]
@@ -114,7 +66,7 @@ class PoolReconciler:
     def __init__(
         self,
         api: k8s.ApiClient,
-        config: OperatorConfig,
+        config: OperatorSettings,
         backlog: BacklogFn,
         *,
         warm_until: Callable[[str], float] = lambda tool: 0.0,
@@ -257,27 +209,44 @@ def make_settings(settings: kopf.OperatorSettings | None = None) -> kopf.Operato
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=constants.ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=constants.ANNOTATION_PREFIX, key="last-handled-configuration")
-    settings.peering.standalone = True  # the Lease decides who runs (see run_operator)
+    settings.peering.standalone = True  # the Lease decides who runs (see lead_and_operate)
     settings.posting.level = logging.WARNING  # Events come from our own reasons
     settings.watching.server_timeout = 300
     return settings
 
 
-def make_registry(reconciler: PoolReconciler, config: OperatorConfig) -> kopf.OperatorRegistry:
+#: Most recent durations per tool the scaler averages (a pool's ``avgDurationSeconds``).
+_DURATIONS = 200
+#: Connections of the operator's client: it talks to many objects at once.
+_CONNECTIONS = 32
+
+
+def _running(body: kopf.Body, **_: Any) -> bool:
+    """A GenerationJob a worker runs now. A job that stops matching a ``when`` filter
+    leaves its index (a None result would not remove its earlier value)."""
+    return bool((body.get("status") or {}).get("worker")) and scaling.is_running(body)
+
+
+def _succeeded(body: kopf.Body, **_: Any) -> bool:
+    """A GenerationJob that succeeded with a duration (for the pool's average)."""
+    status = body.get("status") or {}
+    done = kube_conditions.find(status.get("conditions"), constants.CONDITION_SUCCEEDED)
+    return done.get("status") == kube_conditions.TRUE and status.get("durationSeconds") is not None
+
+
+def make_registry(reconciler: PoolReconciler, config: OperatorSettings) -> kopf.OperatorRegistry:
     """Register the handlers on a fresh registry (nothing is registered at import)."""
     registry = kopf.OperatorRegistry()
-    pools = dict(group=GROUP, version=VERSION, plural=constants.TOOLPOOL_PLURAL, registry=registry)
+    _register_job_indexes(registry)
+    _register_pool_changes(registry, reconciler)
+    _register_scaler(registry, reconciler, config.scale_interval)
+    return registry
+
+
+def _register_job_indexes(registry: kopf.OperatorRegistry) -> None:
+    """Two kopf indexes of GenerationJobs by (namespace, tool): the workers running jobs
+    (which pods are busy) and the durations of succeeded jobs."""
     jobs = dict(group=GROUP, version=VERSION, plural=constants.GENERATIONJOB_PLURAL, registry=registry)
-
-    # A job that stops matching a `when` filter leaves the index (a None result would not
-    # remove its earlier value).
-    def _running(body: kopf.Body, **_: Any) -> bool:
-        return bool((body.get("status") or {}).get("worker")) and scaling.is_running(body)
-
-    def _succeeded(body: kopf.Body, **_: Any) -> bool:
-        status = body.get("status") or {}
-        done = {c.get("type"): c for c in status.get("conditions") or []}.get("Succeeded", {})
-        return done.get("status") == "True" and status.get("durationSeconds") is not None
 
     @kopf.index(**jobs, id="genq_running_workers", when=_running)
     def genq_running_workers(namespace: str, body: kopf.Body, **_: Any) -> dict[Any, str]:
@@ -286,6 +255,11 @@ def make_registry(reconciler: PoolReconciler, config: OperatorConfig) -> kopf.Op
     @kopf.index(**jobs, id="genq_durations", when=_succeeded)
     def genq_durations(namespace: str, body: kopf.Body, **_: Any) -> dict[Any, float]:
         return {(namespace, body.get("spec", {}).get("tool")): float(body["status"]["durationSeconds"])}
+
+
+def _register_pool_changes(registry: kopf.OperatorRegistry, reconciler: PoolReconciler) -> None:
+    """ToolPool create / update / resume: apply its ConfigMap, Deployment and consumers."""
+    pools = dict(group=GROUP, version=VERSION, plural=constants.TOOLPOOL_PLURAL, registry=registry)
 
     @kopf.on.resume(**pools, id="pool_resumed")
     @kopf.on.create(**pools, id="pool_created")
@@ -302,32 +276,93 @@ def make_registry(reconciler: PoolReconciler, config: OperatorConfig) -> kopf.Op
         elif reason == "update":
             kopf.event(body, type="Normal", reason=conditions.EVENT_DEPLOYMENT_UPDATED, message=f"Updated Deployment {name}.")
 
-    @kopf.timer(**pools, id="pool_scale", interval=config.scale_interval, sharp=False)
+
+def _register_scaler(registry: kopf.OperatorRegistry, reconciler: PoolReconciler, interval: float) -> None:
+    """A timer per ToolPool: one scaler pass, its Events, and the status if it changed."""
+    pools = dict(group=GROUP, version=VERSION, plural=constants.TOOLPOOL_PLURAL, registry=registry)
+
+    @kopf.timer(**pools, id="pool_scale", interval=interval, sharp=False)
     async def pool_scale(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, namespace: str,
                          genq_running_workers: kopf.Index, genq_durations: kopf.Index, **_: Any) -> None:
         if body["metadata"].get("deletionTimestamp"):
             return  # going away: the garbage collector takes the Deployment
         tool = body["spec"]["tool"]["name"]
         running = list(genq_running_workers.get((namespace, tool), []))
-        durations = list(genq_durations.get((namespace, tool), []))[-200:]
+        durations = list(genq_durations.get((namespace, tool), []))[-_DURATIONS:]
         try:
             status, before, after, created = await reconciler.scale(body, memo, running, durations)
         except pydantic.ValidationError:
             return  # reported by the change handler
-        if created:
-            kopf.event(body, type="Normal", reason=conditions.EVENT_DEPLOYMENT_CREATED,
-                       message=f"Created Deployment {constants.worker_deployment_name(tool)}.")
-        if after > before:
-            kopf.event(body, type="Normal", reason=conditions.EVENT_SCALED_UP,
-                       message=f"Scaled workers from {before} to {after} (queued {status['queued']}, running {status['running']}).")
-        elif after < before:
-            kopf.event(body, type="Normal", reason=conditions.EVENT_SCALED_DOWN,
-                       message=f"Scaled workers from {before} to {after}; idle workers go first.")
+        _scale_events(body, tool, status, before, after, created)
         if _status_changed(body.get("status"), status):
             patch.status.update(status)
 
     _timers_without_finalizer(registry)
-    return registry
+
+
+def _scale_events(body: kopf.Body, tool: str, status: Mapping[str, Any], before: int, after: int, created: bool) -> None:
+    if created:
+        kopf.event(body, type="Normal", reason=conditions.EVENT_DEPLOYMENT_CREATED,
+                   message=f"Created Deployment {constants.worker_deployment_name(tool)}.")
+    if after > before:
+        kopf.event(body, type="Normal", reason=conditions.EVENT_SCALED_UP,
+                   message=f"Scaled workers from {before} to {after} (queued {status['queued']}, running {status['running']}).")
+    elif after < before:
+        kopf.event(body, type="Normal", reason=conditions.EVENT_SCALED_DOWN,
+                   message=f"Scaled workers from {before} to {after}; idle workers go first.")
+
+
+@dataclass
+class _Backlog:
+    """Where the scaler reads backlogs, and how a pool's JetStream consumers are made."""
+
+    read: BacklogFn
+    warm_until: Callable[[str], float]
+    ensure_tool: Callable[[ToolSpec], Awaitable[None]] | None = None
+
+
+@contextlib.asynccontextmanager
+async def _jetstream_backlog(settings: Settings) -> AsyncIterator[_Backlog]:
+    """Connect to NATS (``GENQ_NATS_URL``) and follow JetStream's backlogs and warm requests."""
+    from genq.adapters.nats import NatsBus
+    from genq.operator.backlog import JetStreamBacklog
+
+    if not settings.nats_url:
+        raise RuntimeError("set GENQ_NATS_URL")
+    bus = NatsBus(settings.nats_url, name="genq-operator")
+    await bus.connect()
+    try:
+        source = JetStreamBacklog(bus)
+        await source.start()
+        try:
+            async def ensure_tool(spec: ToolSpec) -> None:
+                await bus.ensure_tool(spec.name, spec.max_attempts, settings.ack_wait_seconds)
+
+            yield _Backlog(source, source.warm_until, ensure_tool)
+        finally:
+            await source.stop()
+    finally:
+        await bus.close()
+
+
+def _register_login(registry: kopf.OperatorRegistry, kubeconfig: str | None) -> None:
+    """kopf's connection: its own discovery (in-cluster, then the default kubeconfig)
+    without an explicit kubeconfig, else the credentials of that file."""
+
+    @kopf.on.login(registry=registry)
+    async def login(**kwargs: Any) -> Any:
+        if not kubeconfig:
+            return await kopf.login_via_async_client(**kwargs)
+        c = await kube_client.configuration(kubeconfig)
+        # A client certificate, or a bearer token (a ServiceAccount's kubeconfig).
+        scheme = token = None
+        auth = (c.api_key or {}).get("authorization") or (c.api_key or {}).get("BearerToken")
+        if auth:
+            prefix = (c.api_key_prefix or {}).get("authorization")
+            scheme, token = (prefix, auth) if prefix else (auth.partition(" ")[0], auth.partition(" ")[2])
+        return kopf.ConnectionInfo(server=c.host, ca_path=c.ssl_ca_cert, certificate_path=c.cert_file,
+                                   private_key_path=c.key_file, scheme=scheme, token=token,
+                                   insecure=not c.verify_ssl)
 
 
 def _timers_without_finalizer(registry: kopf.OperatorRegistry) -> None:
@@ -345,99 +380,45 @@ def _timers_without_finalizer(registry: kopf.OperatorRegistry) -> None:
 
 
 async def operate(
-    config: OperatorConfig,
+    settings: Settings,
     *,
     backlog: BacklogFn | None = None,
     warm_until: Callable[[str], float] | None = None,
     stop_flag: Any = None,
     ready_flag: Any = None,
-    kubeconfig: str | None = None,
 ) -> None:
     """Run the handlers until ``stop_flag`` (an asyncio/threading Event or a Future).
 
     ``backlog`` None connects to NATS (``GENQ_NATS_URL``) and reads JetStream.
     """
-    from genq.adapters.nats import NatsBus
-    from genq.operator.backlog import JetStreamBacklog
-
-    bus = source = None
-    if backlog is None:
-        url = config.worker_env.get("GENQ_NATS_URL") or os.environ.get("GENQ_NATS_URL")
-        if not url:
-            raise RuntimeError("set GENQ_NATS_URL")
-        bus = NatsBus(url, name="genq-operator")
-        await bus.connect()
-        source = JetStreamBacklog(bus)
-        await source.start()
-        backlog, warm_until = source, source.warm_until
-
-    async def ensure_tool(spec: ToolSpec) -> None:
-        if bus is not None:
-            await bus.ensure_tool(spec.name, spec.max_attempts, config.ack_wait_seconds)
-
-    api = await _api_client(kubeconfig)
-    try:
-        reconciler = PoolReconciler(api, config, backlog, warm_until=warm_until or (lambda tool: 0.0),
-                                    ensure_tool=ensure_tool)
+    config = settings.operator
+    kubeconfig = str(settings.kubeconfig) if settings.kubeconfig else None
+    async with contextlib.AsyncExitStack() as stack:
+        if backlog is None:
+            source = await stack.enter_async_context(_jetstream_backlog(settings))
+        else:
+            source = _Backlog(backlog, warm_until or (lambda tool: 0.0))
+        api = await kube_client.api_client(kubeconfig, connections=_CONNECTIONS)
+        stack.push_async_callback(api.close)
+        reconciler = PoolReconciler(api, config, source.read, warm_until=source.warm_until,
+                                    ensure_tool=source.ensure_tool)
         registry = make_registry(reconciler, config)
-        settings = make_settings()
-
-        @kopf.on.login(registry=registry)
-        async def login(**kwargs: Any) -> Any:
-            if not kubeconfig:  # in-cluster (service account) or the default kubeconfig
-                return await kopf.login_via_async_client(**kwargs)
-            c = await _configuration(kubeconfig)
-            # A client certificate, or a bearer token (a ServiceAccount's kubeconfig).
-            scheme = token = None
-            auth = (c.api_key or {}).get("authorization") or (c.api_key or {}).get("BearerToken")
-            if auth:
-                prefix = (c.api_key_prefix or {}).get("authorization")
-                scheme, token = (prefix, auth) if prefix else (auth.partition(" ")[0], auth.partition(" ")[2])
-            return kopf.ConnectionInfo(server=c.host, ca_path=c.ssl_ca_cert, certificate_path=c.cert_file,
-                                       private_key_path=c.key_file, scheme=scheme, token=token,
-                                       insecure=not c.verify_ssl)
-
+        _register_login(registry, kubeconfig)
         await kopf.operator(
-            registry=registry, settings=settings, standalone=True,
+            registry=registry, settings=make_settings(), standalone=True,
             clusterwide=not config.namespaces, namespaces=config.namespaces,
             stop_flag=stop_flag, ready_flag=ready_flag, memo=kopf.Memo(),
         )
-    finally:
-        await api.close()
-        if source is not None:
-            await source.stop()
-        if bus is not None:
-            await bus.close()
 
 
-async def _configuration(kubeconfig: str | None = None) -> k8s.Configuration:
-    """An explicit ``kubeconfig``, else in-cluster, else the default kubeconfig."""
-    configuration = k8s.Configuration()
-    if kubeconfig is None:
-        try:
-            k8s_config.load_incluster_config(client_configuration=configuration)
-            return configuration
-        except k8s_config.ConfigException:
-            pass
-    await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-    return configuration
-
-
-async def _api_client(kubeconfig: str | None = None) -> k8s.ApiClient:
-    configuration = await _configuration(kubeconfig)
-    # The client's defaults are for scripts; the operator talks to many objects at once.
-    configuration.connection_pool_maxsize = 32
-    return k8s.ApiClient(configuration)
-
-
-async def lead_and_operate(config: OperatorConfig, *, kubeconfig: str | None = None, stop_flag: Any = None,
-                           **kwargs: Any) -> None:
+async def lead_and_operate(settings: Settings, *, stop_flag: Any = None, **kwargs: Any) -> None:
     """Take the Lease ``genq-operator`` (blocking while another replica holds it), then
     run the handlers until ``stop_flag``, until they stop (kopf stops on SIGTERM/SIGINT),
     or until the Lease is lost (then ``SystemExit(1)``: restart as a follower)."""
     from kubernetes_asyncio.leaderelection import electionconfig, leaderelection
 
-    api = await _api_client(kubeconfig)
+    config = settings.operator
+    api = await kube_client.api_client(settings.kubeconfig, connections=_CONNECTIONS)
     lost = asyncio.Event()
     halt = asyncio.Event()  # asks kopf to stop gracefully, on every way out
     handlers_done = asyncio.Event()
@@ -449,7 +430,7 @@ async def lead_and_operate(config: OperatorConfig, *, kubeconfig: str | None = N
         lead_task = asyncio.current_task()
         log.info("%s leads; starting the handlers", config.identity)
         try:
-            await operate(config, kubeconfig=kubeconfig, stop_flag=halt, **kwargs)
+            await operate(settings, stop_flag=halt, **kwargs)
         except Exception as e:
             failures.append(e)
             handlers_done.set()
@@ -527,8 +508,3 @@ async def _wait_flag(flag: Any) -> None:
     else:
         await flag
 
-
-def run_operator() -> None:
-    """``genq operator`` in cluster mode: leader election, then the kopf handlers."""
-    logging.basicConfig(level=os.environ.get("GENQ_LOG_LEVEL", "INFO"))
-    asyncio.run(lead_and_operate(OperatorConfig.from_env()))

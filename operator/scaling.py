@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from genq import constants
+from genq import conditions, constants
 from genq.tools import ToolSpec
 
 #: Deletion cost of a pod that runs jobs (plus one per job): far above an idle pod's.
@@ -81,9 +81,9 @@ def idle_since_next(pool: ToolSpec, backlog: int, current: int, idle_since: floa
 
 def is_running(job: Mapping[str, Any]) -> bool:
     """A GenerationJob a worker runs now: ``Started`` True and ``Succeeded`` Unknown."""
-    conds = {c.get("type"): c for c in ((job.get("status") or {}).get("conditions") or [])}
-    started = conds.get("Started", {}).get("status") == "True"
-    return started and conds.get("Succeeded", {}).get("status", "Unknown") == "Unknown"
+    conds = (job.get("status") or {}).get("conditions")
+    started = conditions.find(conds, constants.CONDITION_STARTED).get("status") == conditions.TRUE
+    return started and conditions.find(conds, constants.CONDITION_SUCCEEDED).get("status", conditions.UNKNOWN) == conditions.UNKNOWN
 
 
 def pod_of_worker(worker_id: str, tool: str, pod_names: Iterable[str]) -> str | None:

@@ -134,7 +134,7 @@ async def test_stale_cache_still_decides_right(store, other):
     re-checks: it neither overwrites the newer state nor misses a valid move."""
     job = await store.create(new_job())
     await eventually(lambda: _all_seen(other, [job]))
-    other._watch_task.cancel()  # freeze other's cache
+    other.watch.task.cancel()  # freeze other's cache
     await asyncio.sleep(0.05)
     assert await store.transition(job.id, [Status.QUEUED], status=Status.RUNNING, attempts=1, worker="w-a")
     assert (await other.get(job.id)).status is Status.QUEUED  # stale on purpose
@@ -207,7 +207,7 @@ async def test_watch_cache_sees_writes_and_deletes_of_another_store(store, other
 async def test_a_fresh_get_confirms_a_cache_miss_at_the_apiserver(store, other):
     """A worker handed a job its watch has not delivered yet reads it from the apiserver
     instead of dropping the message (seen at 10k jobs under load)."""
-    other._watch_task.cancel()  # its cache stops here, as a lagging watch would
+    other.watch.task.cancel()  # its cache stops here, as a lagging watch would
     job = await store.create(new_job(tool="lagging"))
     assert await other.get(job.id) is None
     got = await other.get(job.id, fresh=True)
@@ -322,15 +322,15 @@ async def test_watch_relists_when_its_resource_version_is_gone(store, other):
     kept = await store.create(new_job(tool="gone"))
     deleted = await store.create(new_job(tool="gone"))
     await eventually(lambda: _all_seen(other, [kept, deleted]))
-    other._watch_task.cancel()
+    other.watch.task.cancel()
     await asyncio.sleep(0.05)
     missed = await store.create(new_job(tool="gone"))
     await store.delete(deleted.id)
-    relists = other.relists
-    other._resource_version = "1"  # long compacted out of the watch cache
-    other._watch_task = asyncio.create_task(other._watch())
+    relists = other.watch.relists
+    other.watch.resource_version = "1"  # long compacted out of the watch cache
+    other.watch.task = asyncio.create_task(other.watch.run())
     await eventually(lambda: other.get(missed.id))
-    assert other.relists == relists + 1 and await other.get(deleted.id) is None
+    assert other.watch.relists == relists + 1 and await other.get(deleted.id) is None
     assert await other.queued_count("gone") == 2 and await other.position(missed) == 2
 
 

@@ -64,12 +64,14 @@ class OperatorThread:
     """The operator (``operate``; no Lease) in a thread with its own event loop."""
 
     def __init__(self, control_plane, ns: str, nats_url: str, lease: bool = False, identity: str = "op-1"):  # noqa: F811
-        from genq.operator.handlers import OperatorConfig
+        from genq.settings import OperatorSettings, Settings
 
-        self.config = OperatorConfig(
-            worker_image="genq-worker:test", worker_env={"GENQ_NATS_URL": nats_url}, namespaces=[ns],
-            scale_interval=0.5, ack_wait_seconds=5, lease_namespace=ns, lease_seconds=4, identity=identity)
-        self.kubeconfig = str(control_plane.kubeconfig)
+        self.settings = Settings(
+            nats_url=nats_url, ack_wait_seconds=5, kubeconfig=control_plane.kubeconfig,
+            operator=OperatorSettings(
+                worker_image="genq-worker:test", worker_env={"GENQ_NATS_URL": nats_url}, namespaces=[ns],
+                scale_interval=0.5, lease_namespace=ns, lease_seconds=4, identity=identity))
+        self.config = self.settings.operator
         self.lease = lease
         self.stop_flag = threading.Event()
         self.error: BaseException | None = None
@@ -80,7 +82,7 @@ class OperatorThread:
 
         fn = handlers.lead_and_operate if self.lease else handlers.operate
         try:
-            asyncio.run(fn(self.config, kubeconfig=self.kubeconfig, stop_flag=self.stop_flag))
+            asyncio.run(fn(self.settings, stop_flag=self.stop_flag))
         except BaseException as e:  # reported by stop()
             self.error = e
 
@@ -331,7 +333,7 @@ async def test_operator_runs_with_only_its_rbac(api, ns, bus, control_plane, mon
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "genq-operator-leader-election"}}))
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     op = OperatorThread(control_plane, ns, bus.url, lease=True, identity="op-rbac")
-    op.kubeconfig = str(kubeconfig)
+    op.settings.kubeconfig = kubeconfig
     op.start()
     try:
         pools = f"{GROUP}/namespaces/{ns}/toolpools"

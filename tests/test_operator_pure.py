@@ -246,13 +246,20 @@ def test_reasons_are_camel_case():
     assert names and all(re.fullmatch(r"[A-Z][A-Za-z0-9]*", n) for n in names), names
 
 
-def test_operator_config_from_env_passes_genq_settings_to_workers():
-    from genq.operator.handlers import OperatorConfig
+def test_operator_settings_from_env_pass_genq_settings_to_workers(monkeypatch):
+    import os
 
-    c = OperatorConfig.from_env({
+    from genq.settings import Settings
+
+    for k in list(os.environ):  # only what this test sets
+        if k.startswith("GENQ_") or k == "POD_NAMESPACE":
+            monkeypatch.delenv(k)
+    for k, v in {
         "GENQ_NATS_URL": "nats://nats:4222", "GENQ_S3_BUCKET": "b", "GENQ_ADMIN_KEY": "secret",
         "GENQ_OPERATOR_WORKER_IMAGE": "w:1", "GENQ_OPERATOR_NAMESPACES": "a,b", "GENQ_OPERATOR_WORKER_PROBES": "false",
-        "HOME": "/root"})
+        "HOME": "/root"}.items():
+        monkeypatch.setenv(k, v)
+    c = Settings().operator
     assert c.worker_env == {"GENQ_NATS_URL": "nats://nats:4222", "GENQ_S3_BUCKET": "b"}
     assert c.worker_image == "w:1" and c.namespaces == ["a", "b"] and c.worker_probes is False
 
@@ -263,9 +270,10 @@ def test_no_handler_puts_a_finalizer_on_toolpools():
     scaler's timer would make kopf add one; the registry must not ask for it."""
     import types
 
-    from genq.operator.handlers import OperatorConfig, make_registry
+    from genq.operator.handlers import make_registry
+    from genq.settings import OperatorSettings
 
-    registry = make_registry(types.SimpleNamespace(), OperatorConfig())
+    registry = make_registry(types.SimpleNamespace(), OperatorSettings())
     spawning = registry._spawning.get_all_handlers()
     assert spawning, "the scaler's timer is registered"
     assert not any(h.requires_finalizer for h in spawning)

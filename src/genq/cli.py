@@ -75,14 +75,50 @@ def up(
         raise typer.Exit(2)
     if demo:
         from genq.tools import registry_from_dict
-        from genq.worker.tools.tiny_models import write_demo_models
 
         models = s.resolved_data_dir() / "demo-models"
         typer.echo(f"demo: tiny random models for image-edit, text-to-image and upscale in {models}")
-        registry = registry_from_dict(write_demo_models(models))
+        registry = registry_from_dict(_write_demo_models(models))
     else:
         registry = _registry(s)
     eventloop.run(embedded.serve(s, registry), s.event_loop)
+
+
+def _write_demo_models(models: Path) -> dict:
+    """The demo's tools config, its tiny models written (once) in a child process.
+
+    Building the pipelines pulls diffusers, transformers and triton into the process
+    that does it, and triton's nanobind bindings then print dozens of "nanobind: leaked
+    ..." lines when that process exits. ``genq up`` itself never builds one (its tools
+    load written models, the diffusers ones in their own processes), so it stops with
+    only its own lines; the child skips the interpreter's teardown, as the tool
+    processes do (``genq.worker.tools.child``)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    writer = ctx.Process(target=_demo_models_child, args=(str(models), send), name="genq-demo-models")
+    writer.start()
+    send.close()
+    try:
+        config = receive.recv()
+    except EOFError:
+        config = None
+    writer.join()
+    if config is None:
+        typer.echo("error: writing the demo models failed (see above)", err=True)
+        raise typer.Exit(1)
+    return config
+
+
+def _demo_models_child(models: str, send) -> None:  # runs in the child process
+    from genq.worker.tools.tiny_models import write_demo_models
+
+    send.send(write_demo_models(models))
+    send.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @app.command()
@@ -183,11 +219,11 @@ def operator() -> None:
             # Cluster mode: the kopf handlers (ToolPools → worker Deployments, scaling)
             # under leader election, beside the GenerationJob housekeeping. Housekeeping
             # is safe on every replica: each of its moves is a compare-and-set.
-            from genq.operator.handlers import OperatorConfig, lead_and_operate
+            from genq.operator.handlers import lead_and_operate
 
             hk_task = asyncio.create_task(hk.run())
             try:
-                await lead_and_operate(OperatorConfig.from_env(), kubeconfig=str(s.kubeconfig) if s.kubeconfig else None)
+                await lead_and_operate(s)
             finally:
                 hk.stop()
                 await hk_task

@@ -49,6 +49,15 @@ def consumer_name(tool: str, priority: str) -> str:
     return f"genq-{tool}-{priority}"
 
 
+#: JetStream's API subject prefix for pulling from a consumer (``<stream>.<consumer>`` follows).
+CONSUMER_NEXT_PREFIX: Final = "$JS.API.CONSUMER.MSG.NEXT"
+
+
+def consumer_next_subject(tool: str, priority: str) -> str:
+    """Where a pull request for the next job of ``tool`` at ``priority`` goes."""
+    return f"{CONSUMER_NEXT_PREFIX}.{JOBS_STREAM}.{consumer_name(tool, priority)}"
+
+
 def kick_subject(tool: str) -> str:
     return f"{KICK_SUBJECT_PREFIX}.{tool}"
 

@@ -7,6 +7,7 @@ Times are UNIX seconds (float) inside genq and RFC 3339 on the wire.
 
 from __future__ import annotations
 
+import datetime
 import enum
 import time
 from dataclasses import dataclass, field, replace
@@ -117,6 +118,17 @@ class Job:
         return replace(self, **changes)
 
 
+#: The fields of :class:`Job` a ``transition`` or ``update`` may change, in every
+#: ``JobStore`` (others raise ``ValueError``): what a job is and what was asked of it (id,
+#: owner, tool, variant, priority, params, inputs — a GenerationJob's spec), when it was
+#: made, where it queues (``seq``: the store's, on create and requeue) and its version.
+MUTABLE_FIELDS = frozenset({
+    "status", "started_at", "completed_at", "expires_at", "heartbeat_at", "stream_seq", "attempts",
+    "progress", "seed", "worker", "results", "result_meta", "error", "max_attempts", "deadline_seconds",
+    "ttl_seconds", "delivery",
+})
+
+
 def cas_allows(job: Job, expect: Any, version: int | None, guard: Any) -> bool:
     """The precondition of every compare-and-set, the same in every ``JobStore``: the job's
     status is one of ``expect`` (None: any), its version is ``version`` (None: any), and
@@ -138,3 +150,24 @@ class ApiKey:
     admin: bool = False
     max_queued: int | None = None
     created_at: float = field(default_factory=time.time)
+
+
+# -- times on the wire ----------------------------------------------------------------------
+
+
+def rfc3339(t: float | None, digits: int = 3) -> str | None:
+    """UNIX seconds as RFC 3339 in UTC with ``digits`` decimals (0, 3 or 6) and a ``Z``:
+    the one formatter of genq. The REST API shows milliseconds; Kubernetes wants whole
+    seconds in a ``metav1.Time`` (condition times) and microseconds in a ``MicroTime``
+    (Lease renewals), and genq keeps microseconds in a GenerationJob's own times."""
+    if t is None:
+        return None
+    s = datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    return (s[: 20 + digits] if digits else s[:19]) + "Z"
+
+
+def parse_rfc3339(s: str | None) -> float | None:
+    """The UNIX seconds of an RFC 3339 time (any precision, ``Z`` or an offset)."""
+    if not s:
+        return None
+    return datetime.datetime.fromisoformat(s).timestamp()

@@ -1,16 +1,78 @@
 """Process settings, read once at start from ``GENQ_*`` environment variables.
 
 Each setting says why its default is what it is. The tools themselves are configured in
-``genq.yaml`` (see :mod:`genq.tools`); these settings are about the process.
+``genq.yaml`` (see :mod:`genq.tools`); these settings are about the process. Settings of
+one component only are grouped (kopf's habit): :class:`OperatorSettings` is
+``Settings.operator``, read from ``GENQ_OPERATOR_*``.
+
+Neighbours: read once per process by ``genq.cli`` and handed down to the runtime
+(:mod:`genq.runtime`), the embedded mode and the operator (``Settings.operator``).
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: ``GENQ_*`` settings that are not the workers' to have: each worker pod's own (set by
+#: its Deployment), the API's, or the operator's.
+_NOT_FOR_WORKERS = ("GENQ_CONFIG", "GENQ_STORE", "GENQ_HOST", "GENQ_PORT", "GENQ_ADMIN_KEY", "GENQ_KUBECONFIG",
+                    "GENQ_KUBE_NAMESPACE", "GENQ_DRAIN_SECONDS")
+
+
+def worker_env_of(env: Mapping[str, str]) -> dict[str, str]:
+    """The ``GENQ_*`` settings of ``env`` the operator passes on to every worker (NATS
+    URL, object storage, timings): all but the operator's own and :data:`_NOT_FOR_WORKERS`."""
+    return {k: v for k, v in env.items()
+            if k.startswith("GENQ_") and not k.startswith("GENQ_OPERATOR_") and k not in _NOT_FOR_WORKERS}
+
+
+class OperatorSettings(BaseSettings):
+    """How ``genq operator`` runs its ToolPool handlers (``GENQ_OPERATOR_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="GENQ_OPERATOR_", extra="ignore", env_ignore_empty=True,
+                                      populate_by_name=True)
+
+    worker_image: str = "ghcr.io/genq/genq-worker:latest"
+    """Image of the worker pods when a pool names none. The chart sets its own worker
+    image; this default is for a hand-run operator."""
+    worker_env: dict[str, str] = Field(default_factory=lambda: worker_env_of(os.environ))
+    """``GENQ_*`` settings every worker gets (NATS URL, object storage, timings): the
+    operator's own environment minus its and the API's settings (:func:`worker_env_of`),
+    so the chart configures the workers once, on the operator."""
+    worker_probes: bool = True
+    """HTTP probes on the workers' health port; off for worker images that serve none."""
+    worker_service_account: str = "genq-worker"
+    """ServiceAccount the worker pods run as: the Helm chart's worker ServiceAccount."""
+    worker_env_secret: str = "genq-worker"
+    """Optional Secret whose keys every worker gets as environment variables (e.g. S3
+    credentials), so secrets never appear in the Deployment itself. The chart's name."""
+    namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Namespaces to watch, comma-separated; empty means cluster-wide (one operator for
+    the cluster, the plain install; the chart narrows it to its release namespace)."""
+    scale_interval: float = 5.0
+    """Seconds between backlog reads per pool: scale-up latency versus JetStream and
+    apiserver load (one consumer-info request per priority, one pod list, per pool)."""
+    lease_namespace: str = Field("default", validation_alias=AliasChoices("GENQ_OPERATOR_LEASE_NAMESPACE", "POD_NAMESPACE"))
+    """Namespace of the leader-election Lease: the operator's own (``POD_NAMESPACE``, from
+    the downward API, when not set), else ``default``."""
+    lease_seconds: float = 15.0
+    """Lease duration: how long a dead leader blocks its successor (client-go's default)."""
+    identity: str = Field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
+    """This replica's name in the Lease: the pod's hostname plus a random suffix, unique
+    even across restarts of one pod."""
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        return [n for n in v.split(",") if n] if isinstance(v, str) else v
 
 
 class Settings(BaseSettings):
@@ -106,6 +168,9 @@ class Settings(BaseSettings):
     retention and deadlines accurate to about a second at negligible cost."""
     worker_heartbeat_seconds: float = 5.0
     """How often a worker reports itself alive (for ``workers`` in queue stats)."""
+
+    operator: OperatorSettings = Field(default_factory=OperatorSettings)
+    """``genq operator``'s own settings, from ``GENQ_OPERATOR_*``."""
 
     log_level: str = "INFO"
     """Root log level."""

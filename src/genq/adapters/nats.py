@@ -47,8 +47,7 @@ _REQUEST_TIMEOUT = 2.0
 #: a republish by housekeeping of a job whose stream position was not noted (5 s after
 #: the submit, or when a failing store recovers). Longer gaps cost only a duplicate
 #: delivery, which the worker's compare-and-set turns into a no-op. Not longer: the server
-#: keeps every id for the whole window, ~300 bytes each (24 h at 14 jobs/s grew
-#: nats-server by 0.2 MB a minute, ~350 MB a day; bench/soak.py, BENCHMARKS.md §7).
+#: keeps every id for the whole window (its memory cost: BENCHMARKS.md §7).
 DUPLICATE_WINDOW_SECONDS = 600.0
 
 #: How long a pull trusts that a consumer it found empty is still empty, when no kick for
@@ -58,6 +57,19 @@ DUPLICATE_WINDOW_SECONDS = 600.0
 EMPTY_RECHECK_SECONDS = 0.5
 
 _PULL_ONE = b'{"batch":1,"no_wait":true}'
+
+#: JetStream API error codes (``err_code``) that mean "that message is not there".
+#: nats.py names the status codes (``api.StatusCode``) but not these, so they are named here.
+#: JSNoMessageFoundErr: a get or delete of a sequence the stream does not hold.
+ERR_NO_MESSAGE_FOUND = 10037
+#: JSStreamMsgDeleteFailedF: how the server reports a delete of a message already gone.
+ERR_MSG_DELETE_FAILED = 10057
+#: HTTP-like ``code`` of a JetStream API error for a missing stream, consumer or message.
+_NOT_FOUND = 404
+#: The header of a status reply to a pull request, and its "no messages" value (nats.py's
+#: names, as plain strings: read on every pull).
+_STATUS = api.Header.STATUS.value
+_NO_MESSAGES = api.StatusCode.NO_MESSAGES.value
 
 
 class NatsDelivery:
@@ -154,7 +166,7 @@ class _PullInbox:
             if not fut.done():
                 fut.set_result(msg)
                 return
-        if msg.reply and not (msg.headers and msg.headers.get("Status")):
+        if msg.reply and not (msg.headers and msg.headers.get(_STATUS)):
             with contextlib.suppress(Exception):
                 await msg.nak()
 
@@ -322,10 +334,10 @@ class NatsBus:
                 continue
             except nats.errors.Error as e:
                 raise Unavailable(f"pull from {inbox.api_subject}: {e}") from e
-            status = msg.headers.get("Status") if msg.headers else None
+            status = msg.headers.get(_STATUS) if msg.headers else None
             if status:
-                # 404 no messages (408 timeout, 409 consumer busy, 503 no responders).
-                if status == "404" and self._prio_kicks[key] == kicks:
+                # No messages (or 408 timeout, 409 consumer busy, 503 no responders).
+                if status == _NO_MESSAGES and self._prio_kicks[key] == kicks:
                     self._empty_at[key] = time.monotonic()
                 continue
             if not msg.reply:
@@ -358,8 +370,7 @@ class NatsBus:
                     await self._subscribe_kicks(tool)
                 for prio in constants.PRIORITIES:
                     if (tool, prio) not in self._inboxes:
-                        inbox = _PullInbox(
-                            f"$JS.API.CONSUMER.MSG.NEXT.{constants.JOBS_STREAM}.{constants.consumer_name(tool, prio)}")
+                        inbox = _PullInbox(constants.consumer_next_subject(tool, prio))
                         await inbox.subscribe(self.nc)
                         self._inboxes[(tool, prio)] = inbox
             except nats.errors.Error as e:
@@ -421,13 +432,11 @@ class NatsBus:
         self._kick_subs[tool] = await self.nc.subscribe(constants.kick_subject(tool), cb=_on_kick)
 
     async def remove(self, stream_seq: int) -> None:
+        """Best effort (a cancelled job's message): a failure is logged, never raised."""
         try:
-            await self._js.delete_msg(constants.JOBS_STREAM, stream_seq)
-        except nats.js.errors.NotFoundError:
-            pass
+            await self.delete_message(stream_seq)
         except nats.js.errors.APIError as e:
-            if e.code != 404 and e.err_code not in (10037, 10057):
-                log.warning("could not remove stream message %s: %s", stream_seq, e)
+            log.warning("could not remove stream message %s: %s", stream_seq, e)
 
     async def has_message(self, stream_seq: int) -> bool:
         return await self._get_msg(stream_seq) is not None
@@ -438,7 +447,7 @@ class NatsBus:
         except nats.js.errors.NotFoundError:
             return None
         except nats.js.errors.APIError as e:
-            if e.code == 404 or e.err_code == 10037:
+            if e.code == _NOT_FOUND or e.err_code == ERR_NO_MESSAGE_FOUND:
                 return None
             raise
 
@@ -452,12 +461,14 @@ class NatsBus:
             return None
 
     async def delete_message(self, stream_seq: int) -> None:
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            try:
-                await self._js.delete_msg(constants.JOBS_STREAM, stream_seq)
-            except nats.js.errors.APIError as e:
-                if not (e.code == 404 or e.err_code in (10037, 10057)):
-                    raise
+        """Delete message ``stream_seq``; gone already is fine, other API errors raise."""
+        try:
+            await self._js.delete_msg(constants.JOBS_STREAM, stream_seq)
+        except nats.js.errors.NotFoundError:
+            pass
+        except nats.js.errors.APIError as e:
+            if not (e.code == _NOT_FOUND or e.err_code in (ERR_NO_MESSAGE_FOUND, ERR_MSG_DELETE_FAILED)):
+                raise
 
     async def backlog(self, tool: str) -> int:
         total = 0

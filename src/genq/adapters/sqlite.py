@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import base64
 import functools
 import itertools
 import json
@@ -38,7 +37,8 @@ from typing import Any, TypeVar
 
 from sortedcontainers import SortedList
 
-from genq.models import ApiKey, FileRef, Job, Priority, Status, cas_allows
+from genq.cursor import decode_cursor, encode_cursor
+from genq.models import MUTABLE_FIELDS, ApiKey, FileRef, Job, Priority, Status, cas_allows
 from genq.ports import JobFilter, Page, PortError, StorageFull, ToolCounts, Unavailable
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,6 @@ _COLUMNS = (
     "progress", "seed", "worker",
 )
 _DATA_FIELDS = ("params", "inputs", "results", "result_meta", "error", "max_attempts", "deadline_seconds", "ttl_seconds", "delivery")
-_UPDATABLE = set(_COLUMNS) - {"id", "owner", "tool", "seq", "version", "created_at"} | set(_DATA_FIELDS)
 
 
 def _encode_data(job: Job) -> str:
@@ -613,7 +612,7 @@ class SQLiteStore:
         requeue: bool,
         changes: dict[str, Any],
     ) -> Job | None:
-        bad = set(changes) - _UPDATABLE
+        bad = set(changes) - MUTABLE_FIELDS
         if bad:
             raise ValueError(f"cannot change {sorted(bad)}")
         # Read, check and write with no await between them.
@@ -815,12 +814,11 @@ class SQLiteStore:
 #: What a change of each updatable field writes: (column, value of the new job) pairs;
 #: every field kept in the JSON blob rewrites ``data``.
 _CAS_COLUMNS: dict[str, tuple[tuple[str, Callable[[Job], Any]], ...]] = {
-    **{f: ((f, lambda j, f=f: getattr(j, f)),) for f in _UPDATABLE if f not in _DATA_FIELDS},
-    **{f: (("data", _encode_data),) for f in _DATA_FIELDS},
+    **{f: ((f, lambda j, f=f: getattr(j, f)),) for f in sorted(MUTABLE_FIELDS) if f not in _DATA_FIELDS},
+    **{f: (("data", _encode_data),) for f in _DATA_FIELDS if f in MUTABLE_FIELDS},
     "status": (("status", lambda j: j.status.value), ("deadline_at", _deadline_at)),
     "started_at": (("started_at", lambda j: j.started_at), ("deadline_at", _deadline_at)),
     "deadline_seconds": (("data", _encode_data), ("deadline_at", _deadline_at)),
-    "priority": (("priority", lambda j: j.priority.value), ("prank", lambda j: j.priority.rank)),
 }
 
 
@@ -985,16 +983,3 @@ def _row_to_key(r: sqlite3.Row) -> ApiKey:
         admin=bool(r["admin"]), max_queued=r["max_queued"], created_at=r["created_at"],
     )
 
-
-def encode_cursor(job_id: str) -> str:
-    return base64.urlsafe_b64encode(job_id.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> str:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except Exception as e:
-        raise ValueError("invalid cursor") from e
-    if not raw.isalnum() or len(raw) > 64:
-        raise ValueError("invalid cursor")
-    return raw
