@@ -82,8 +82,8 @@ def idle_since_next(pool: ToolSpec, backlog: int, current: int, idle_since: floa
 def is_running(job: Mapping[str, Any]) -> bool:
     """A GenerationJob a worker runs now: ``Started`` True and ``Succeeded`` Unknown."""
     conds = {c.get("type"): c for c in ((job.get("status") or {}).get("conditions") or [])}
-    started = conds.get("Started", {}).get("status") == "True"
-    return started and conds.get("Succeeded", {}).get("status", "Unknown") == "Unknown"
+    started = conds.get(constants.CONDITION_STARTED, {}).get("status") == "True"
+    return started and conds.get(constants.CONDITION_SUCCEEDED, {}).get("status", "Unknown") == "Unknown"
 
 
 def pod_of_worker(worker_id: str, tool: str, pod_names: Iterable[str]) -> str | None:
