@@ -21,8 +21,7 @@ from conftest import start_live, stop_live, tools_config
 from genq import constants
 from k8s.controlplane import control_plane  # noqa: F401  (the session fixture)
 from test_api_flows import *  # noqa: F403  (the flows, collected again here)
-from test_api_flows import poll
-from test_operator_k8s import eventually
+from helpers import eventually, poll
 from test_housekeeping import (  # noqa: F401  (collected again here)
     test_queued_job_whose_stream_message_was_lost_is_republished,
     test_stored_but_unpublished_job_is_republished,
