@@ -21,7 +21,7 @@ import yaml
 
 from conftest import ADMIN, start_live, stop_live, tools_config
 from genq.adapters.nats_server import free_port
-from helpers import DRAIN_SECONDS, TERMINAL, GenqUp, alive, echo_spec, nats_servers_for, poll, wait_until
+from helpers import DRAIN_SECONDS, TERMINAL, GenqUp, alive, echo_spec, genq_env, nats_servers_for, poll, wait_until
 
 
 def recording_echo(params, inputs, progress, cancel):
