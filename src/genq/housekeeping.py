@@ -311,7 +311,10 @@ class Housekeeper:
                     continue
                 back = await lifecycle.apply(self.rt.store, job.id, lifecycle.hand_back(job, refund=False),
                                              version=job.version)
-                if back is not None and job.delivery:
+                if back is None:
+                    continue
+                await lifecycle.announce(self.rt.bus, back)
+                if job.delivery:
                     with contextlib.suppress(Exception):
                         await self.rt.bus.nak_subject(job.delivery)
                     n += 1
