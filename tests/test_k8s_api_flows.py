@@ -94,14 +94,17 @@ async def test_kubectl_active_false_cancels_queued_and_running_jobs(live, contro
         while await live.emb.rt.bus.has_message(seq):
             assert time.monotonic() < gone, f"message {seq} of the cancelled queued job is still in the stream"
             await asyncio.sleep(0.05)
-        # and `kubectl describe gjob` says why
+        # and `kubectl describe gjob` says why (the Event is written right after the
+        # message goes, so it may land a moment after the loop above ends)
         from genq.adapters.kubernetes import resource_name
 
-        with control_plane.client() as api:
-            events = api.get(f"/api/v1/namespaces/{live.emb.rt.store.namespace}/events").json()["items"]
-        reasons = {(e["involvedObject"]["name"], e["reason"], e["involvedObject"]["kind"]) for e in events}
-        for jid in (queued, running):
-            assert (resource_name(jid), "Cancelled", "GenerationJob") in reasons, reasons
+        def reasons() -> set[tuple[str, str, str]]:
+            with control_plane.client() as api:
+                events = api.get(f"/api/v1/namespaces/{live.emb.rt.store.namespace}/events").json()["items"]
+            return {(e["involvedObject"]["name"], e["reason"], e["involvedObject"]["kind"]) for e in events}
+
+        wanted = {(resource_name(jid), "Cancelled", "GenerationJob") for jid in (queued, running)}
+        await eventually(lambda: wanted <= reasons(), timeout=5, what="a Cancelled Event on each job")
         r = await c.post("/v1/jobs", json={"tool": "once", "params": {"text": "next"}, "wait": 10})
         assert r.json()["status"] == "succeeded"
         assert time.monotonic() - t0 < 8
