@@ -1,5 +1,9 @@
 """What the job routes do, apart from HTTP: submit, read with position and ETA, wait,
-cancel, retry. Routes parse and answer; this module talks to the ports.
+cancel, retry.
+
+Neighbours: the routes (:mod:`genq.api.routes.jobs`) parse and answer; this module talks
+to the ports of a :class:`genq.runtime.Runtime` and moves a job's status only through
+:mod:`genq.lifecycle`.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ from typing import Any
 
 from ulid import ULID
 
-from genq import constants, images
+from genq import constants, images, lifecycle
 from genq.api.auth import Principal
 from genq.api.errors import ApiError, not_found
 from genq.api.schemas import job_public
-from genq.models import ACTIVE, FileRef, Job, Priority, Status
-from genq.ports import PortError, Unavailable
+from genq.models import FileRef, Job, Priority, Status
+from genq.ports import JobStore, Unavailable
 from genq.runtime import Runtime
 from genq.tools import ParamsError, ToolSpec, coerce_form_params, validate_params
 
@@ -48,6 +52,18 @@ class Submission:
     uploads: list[Upload]
     priority: Priority
     wait: float
+
+
+@dataclass
+class _Request:
+    """A submission that passed :meth:`JobService._validate`."""
+
+    spec: ToolSpec
+    variant: str
+    raw_params: dict[str, Any]
+    params: dict[str, Any]
+    images: list[images.CheckedImage]
+    seed: int | None
 
 
 class JobService:
@@ -114,7 +130,32 @@ class JobService:
         return spec
 
     async def submit(self, sub: Submission, principal: Principal, idem_key: str | None) -> tuple[Job, bool]:
-        """Check everything, then store inputs, record and publish. Returns (job, created)."""
+        """Check everything, then store inputs, record and publish. Returns (job, created):
+        not created when ``idem_key`` names an earlier request's job. A step that fails
+        takes back the steps before it (:meth:`_discard`)."""
+        req = await self._validate(sub)
+        job_id = str(ULID())
+        if idem_key is not None:
+            earlier = await self._claim_idempotency(req, sub, principal, idem_key, job_id)
+            if earlier is not None:
+                return earlier, False
+        try:
+            await self._check_limits(req.spec, principal)
+            inputs = await self._store_inputs(job_id, sub.uploads, req.images)
+            job = await self.rt.store.create(Job(
+                id=job_id, owner=principal.id, tool=req.spec.name, variant=req.variant, priority=sub.priority,
+                params=req.params, inputs=inputs, seed=req.seed, max_attempts=req.spec.max_attempts,
+                deadline_seconds=req.spec.active_deadline_seconds, ttl_seconds=req.spec.result_ttl_seconds,
+            ))
+        except BaseException:
+            await self._discard(job_id, idem_key, principal, stored=False)
+            raise
+        job = await self._enqueue(job, idem_key, principal)
+        self.rt.metrics.jobs_submitted.labels(req.spec.name).inc()
+        return job, True
+
+    async def _validate(self, sub: Submission) -> _Request:
+        """The tool, variant, params and inputs checked, the seed picked: or ``ApiError``."""
         spec = self.spec_for(sub.tool)
         variant = sub.variant or spec.default_variant
         if spec.variant(variant) is None:
@@ -130,79 +171,71 @@ class JobService:
             want = f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
             raise ApiError("validation_error", f"Tool {spec.name!r} takes {want} input image(s); got {len(sub.uploads)}.",
                            {"field": "image", "min": lo, "max": hi})
-        checked = []
-        for up in sub.uploads:
-            async with self._image_checks:
-                try:
-                    checked.append(await asyncio.to_thread(
-                        images.check_image, up.data, max_bytes=self.settings.max_file_bytes, max_pixels=self.settings.max_pixels))
-                except images.ImageRejected as e:
-                    raise ApiError(e.code, e.message, {"field": up.field, **(e.details or {})}) from e
-
+        checked = [await self._check_image(up) for up in sub.uploads]
         seed = params.get("seed")
         if spec.takes_seed and seed is None:
             seed = secrets.randbelow(2**32)
+        return _Request(spec, variant, raw_params, params, checked, seed)
 
-        job_id = str(ULID())
-        if idem_key is not None:
-            if not (1 <= len(idem_key) <= 255) or not idem_key.isprintable():
-                raise ApiError("invalid_input", "Idempotency-Key must be 1-255 printable characters.")
-            body_hash = _body_hash(spec.name, variant, raw_params, sub.priority, sub.uploads)
-            existing = await self.rt.store.idempotency_get(principal.id, idem_key)
-            if existing is None:
-                existing = await self.rt.store.idempotency_put(
-                    principal.id, idem_key, body_hash, job_id, time.time() + self.settings.idempotency_ttl_seconds)
-            if existing[1] != job_id:
-                if existing[0] != body_hash:
-                    raise ApiError("conflict", "This Idempotency-Key was used with a different request.",
-                                   {"idempotency_key": idem_key})
-                job = await self._await_job(existing[1])
-                if job is None:
-                    raise ApiError("conflict", "The job first created with this Idempotency-Key no longer exists.")
-                return job, False
+    async def _check_image(self, up: Upload) -> images.CheckedImage:
+        async with self._image_checks:
+            try:
+                return await asyncio.to_thread(
+                    images.check_image, up.data, max_bytes=self.settings.max_file_bytes, max_pixels=self.settings.max_pixels)
+            except images.ImageRejected as e:
+                raise ApiError(e.code, e.message, {"field": up.field, **(e.details or {})}) from e
 
+    async def _claim_idempotency(
+        self, req: _Request, sub: Submission, principal: Principal, idem_key: str, job_id: str
+    ) -> Job | None:
+        """Claim ``idem_key`` for ``job_id``; or the job an earlier, identical request made
+        with it (first writer wins). A different request under the same key is a conflict."""
+        if not (1 <= len(idem_key) <= 255) or not idem_key.isprintable():
+            raise ApiError("invalid_input", "Idempotency-Key must be 1-255 printable characters.")
+        body_hash = _body_hash(req.spec.name, req.variant, req.raw_params, sub.priority, sub.uploads)
+        existing = await self.rt.store.idempotency_get(principal.id, idem_key)
+        if existing is None:
+            existing = await self.rt.store.idempotency_put(
+                principal.id, idem_key, body_hash, job_id, time.time() + self.settings.idempotency_ttl_seconds)
+        if existing[1] == job_id:
+            return None
+        if existing[0] != body_hash:
+            raise ApiError("conflict", "This Idempotency-Key was used with a different request.",
+                           {"idempotency_key": idem_key})
+        job = await self._await_job(existing[1])
+        if job is None:
+            raise ApiError("conflict", "The job first created with this Idempotency-Key no longer exists.")
+        return job
+
+    async def _store_inputs(
+        self, job_id: str, uploads: list[Upload], checked: list[images.CheckedImage]
+    ) -> tuple[FileRef, ...]:
+        inputs = []
+        for i, (up, c) in enumerate(zip(uploads, checked, strict=True)):
+            name = f"image.{c.extension}" if len(checked) == 1 else f"image-{i + 1}.{c.extension}"
+            key = constants.input_key(job_id, name)
+            await self.rt.blobs.put(key, up.data, c.content_type)
+            inputs.append(FileRef(name=name, key=key, content_type=c.content_type, size_bytes=c.size_bytes))
+        return tuple(inputs)
+
+    async def _enqueue(self, job: Job, idem_key: str | None, principal: Principal) -> Job:
+        """Publish the stored ``job``; on failure take the submit back (503), unless the
+        record cannot be taken back: then the job stands, and housekeeping publishes it."""
         try:
-            await self._check_limits(spec, principal)
-            inputs = []
-            for i, (up, c) in enumerate(zip(sub.uploads, checked, strict=True)):
-                name = f"image.{c.extension}" if len(checked) == 1 else f"image-{i + 1}.{c.extension}"
-                key = constants.input_key(job_id, name)
-                await self.rt.blobs.put(key, up.data, c.content_type)
-                inputs.append(FileRef(name=name, key=key, content_type=c.content_type, size_bytes=c.size_bytes))
-            job = Job(
-                id=job_id, owner=principal.id, tool=spec.name, variant=variant, priority=sub.priority,
-                params=params, inputs=tuple(inputs), seed=seed, max_attempts=spec.max_attempts,
-                deadline_seconds=spec.active_deadline_seconds, ttl_seconds=spec.result_ttl_seconds,
-            )
-            job = await self.rt.store.create(job)
-        except BaseException:
-            await self._discard(job_id, idem_key, principal, stored=False)
-            raise
-        try:
-            seq = await self.rt.bus.publish_job(spec.name, job.priority.value, job.id, _msg_id(job))
-        except (PortError, Exception) as e:
-            if await self._discard(job_id, idem_key, principal, stored=True):
+            seq = await self.rt.bus.publish_job(job.tool, job.priority.value, job.id, lifecycle.dedupe_id(job))
+        except Exception as e:
+            if await self._discard(job.id, idem_key, principal, stored=True):
                 raise Unavailable(f"bus: {e}") from e
-            # The record could not be taken back (the store fails too, e.g. a full disk):
-            # the job stands, accepted, and housekeeping publishes it once the bus is back.
-            updated = None
-        else:
-            # Published: accepted, even if noting where it sits fails (a full disk). A worker
-            # notes it on start, and housekeeping's republish of it is deduplicated. A store
-            # that can write it later, batched with other submits', does (SQLite: one commit
-            # for many instead of one more per job).
-            note = getattr(self.rt.store, "note_stream_seq", None)
-            if note is not None:
-                note(job.id, seq)
-                updated = job.evolve(stream_seq=seq)
-            else:
-                try:
-                    updated = await self.rt.store.update(job.id, stream_seq=seq)
-                except Exception as e:
-                    log.warning("job %s: could not record its stream position (%s); it stays accepted", job.id, e)
-                    updated = None
-        self.rt.metrics.jobs_submitted.labels(spec.name).inc()
-        return updated or job, True
+            return job
+        # Published: accepted, even if noting where it sits fails (a full disk). A worker
+        # notes it on start, and housekeeping's republish of it is deduplicated.
+        if self.rt.store.note_stream_seq(job.id, seq):
+            return job.evolve(stream_seq=seq)
+        try:
+            return await self.rt.store.update(job.id, stream_seq=seq) or job
+        except Exception as e:
+            log.warning("job %s: could not record its stream position (%s); it stays accepted", job.id, e)
+            return job
 
     async def _await_job(self, job_id: str) -> Job | None:
         for _ in range(50):  # the first request is still storing its job
@@ -272,22 +305,12 @@ class JobService:
     async def cancel(self, job: Job) -> Job:
         if job.terminal:
             raise ApiError("conflict", f"The job already ended ({job.status.value}).", {"status": job.status.value})
-        now = time.time()
-        done = await self.rt.store.transition(
-            job.id, ACTIVE, status=Status.CANCELLED, completed_at=now, expires_at=now + job.ttl_seconds,
-            error={"code": "cancelled", "message": "The job was cancelled."},
-        )
+        done = await lifecycle.cancel_job(self.rt.store, self.rt.bus, job, now=time.time())
         if done is None:
             latest = await self.rt.store.get(job.id)
             if latest is None:
                 raise not_found()
             raise ApiError("conflict", f"The job already ended ({latest.status.value}).", {"status": latest.status.value})
-        if job.status is Status.QUEUED and done.stream_seq is not None:
-            with contextlib.suppress(Exception):
-                await self.rt.bus.remove(done.stream_seq)
-        with contextlib.suppress(Exception):
-            await self.rt.bus.publish(constants.cancel_subject(job.id), {"id": job.id, "reason": "cancelled"})
-            await self.rt.bus.publish(constants.events_subject(job.id), {"type": "status", "id": job.id, "status": "cancelled"})
         self.rt.metrics.jobs_finished.labels(job.tool, "cancelled").inc()
         return done
 
@@ -300,27 +323,17 @@ class JobService:
         with contextlib.suppress(Exception):
             for f in job.results:
                 await self.rt.blobs.delete(f.key)
-        back = await self.rt.store.transition(
-            job.id, [Status.FAILED, Status.CANCELLED], requeue=True, status=Status.QUEUED, attempts=0, progress=0.0,
-            error=None, started_at=None, completed_at=None, expires_at=None, results=(), result_meta=None,
-            stream_seq=None, worker=None, delivery=None, max_attempts=spec.max_attempts,
-        )
+        back = await lifecycle.apply(self.rt.store, job.id, lifecycle.requeue(job, max_attempts=spec.max_attempts))
         if back is None:
             raise ApiError("conflict", "The job changed while retrying; read it again.")
-        seq = await self.rt.bus.publish_job(back.tool, back.priority.value, back.id, _msg_id(back))
+        seq = await self.rt.bus.publish_job(back.tool, back.priority.value, back.id, lifecycle.dedupe_id(back))
         back = await self.rt.store.update(back.id, stream_seq=seq) or back
-        with contextlib.suppress(Exception):
-            await self.rt.bus.publish(constants.events_subject(job.id), {"type": "status", "id": job.id, "status": "queued"})
+        await lifecycle.announce(self.rt.bus, back)
         return back
 
 
 def _owner_principal(job: Job) -> Principal:
     return Principal(job.owner, "", "standard", False, None)
-
-
-def _msg_id(job: Job) -> str:
-    """JetStream dedupe id: the job and its place in the queue (a retry is a new message)."""
-    return f"{job.id}.{job.seq}"
 
 
 def _body_hash(tool: str, variant: str, params: dict[str, Any], priority: Priority, uploads: list[Upload]) -> str:

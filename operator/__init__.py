@@ -1,7 +1,8 @@
 """genq's operator: reconciliation beside the job flow, never in its hot path.
 
-- :mod:`.housekeeping` — retention, deadlines, lost and unpublished jobs (a pure
-  ``decide`` plus a loop); ``genq up`` runs it in-process.
+- Housekeeping (retention, deadlines, lost and unpublished jobs) lives in
+  :mod:`genq.housekeeping`, since ``genq up`` runs it with no operator; a cluster's
+  ``genq operator`` runs it under its leader election.
 - :mod:`.resources`, :mod:`.scaling`, :mod:`.conditions` — pure functions: the worker
   Deployment of a ToolPool, the replicas it should have, its status conditions.
 - :mod:`.backlog` — a ToolPool's JetStream backlog and warm requests.

@@ -11,27 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import data_uri, png_bytes, read_events
-
-
-async def poll(c, job_id: str, until=("succeeded", "failed", "cancelled"), timeout: float = 20) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        r = await c.get(f"/v1/jobs/{job_id}")
-        assert r.status_code == 200, r.text
-        job = r.json()
-        if job["status"] in until:
-            return job
-        assert time.monotonic() < deadline, f"job stuck in {job['status']}"
-        await asyncio.sleep(0.05)
-
-
-def assert_error(r, status: int, code: str) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
-    assert body["error"]["code"] == code, body
-    assert body["error"]["message"]
-    return body
+from helpers import assert_error, poll
 
 
 async def test_submit_poll_download_with_seed(live):

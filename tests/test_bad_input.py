@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from conftest import data_uri, png_bytes
-from test_api_flows import assert_error, poll
+from helpers import assert_error, poll
 
 MB = 1024 * 1024
 

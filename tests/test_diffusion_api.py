@@ -16,7 +16,7 @@ pytest.importorskip("peft")
 
 from conftest import png_bytes, read_events, start_live, stop_live  # noqa: E402
 from diffusion_models import TEST_OPTIONS, image_edit_config, sd_upscaler_dir, text_to_image_dir, unet_lora_dir  # noqa: E402
-from test_api_flows import assert_error  # noqa: E402
+from helpers import assert_error  # noqa: E402
 
 pytestmark = pytest.mark.ml
 

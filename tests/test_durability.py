@@ -19,11 +19,9 @@ import httpx
 import pytest
 import yaml
 
-from conftest import ADMIN, ECHO_PARAMS, TESTS, start_live, stop_live, tools_config
+from conftest import ADMIN, start_live, stop_live, tools_config
 from genq.adapters.nats_server import free_port
-
-TERMINAL = ("succeeded", "failed", "cancelled")
-DRAIN_SECONDS = 5
+from helpers import DRAIN_SECONDS, TERMINAL, GenqUp, alive, echo_spec, genq_env, nats_servers_for, poll, wait_until
 
 
 def recording_echo(params, inputs, progress, cancel):
@@ -38,102 +36,6 @@ def recording_echo(params, inputs, progress, cancel):
     with open(log, "a") as f:
         f.write(f"end {os.getpid()}\n")
     return result
-
-
-def echo_spec(name: str, entrypoint: str, **kw) -> dict:
-    return {"tool": {"kind": "python", "name": name, "entrypoint": entrypoint, "params": ECHO_PARAMS, "inputs": [0, 3]},
-            "maxAttempts": 3, "activeDeadlineSeconds": 30, "resultTTLSeconds": 600, **kw}
-
-
-def genq_env(state: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
-    env.update({
-        "GENQ_ADMIN_KEY": ADMIN,
-        "GENQ_ACK_WAIT_SECONDS": "3",
-        "GENQ_DRAIN_SECONDS": str(DRAIN_SECONDS),
-        "GENQ_RECONCILE_INTERVAL_SECONDS": "0.2",
-        "GENQ_WORKER_HEARTBEAT_SECONDS": "0.5",
-        "GENQ_RETRY_BACKOFF_SECONDS": "0.2",
-        "GENQ_RATE_STANDARD": "100000/minute",
-        "GENQ_RATE_PREMIUM": "100000/minute",
-        "GENQ_LOG_LEVEL": "WARNING",
-        "GENQ_TEST_STATE": str(state),
-        "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p),
-    })
-    return env
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie waiting for its reaper counts as dead)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def nats_servers_for(data: Path) -> list[int]:
-    """Live nats-server processes whose command line names this data folder."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"nats-server" in argv[0] and any(str(data).encode() in a for a in argv) and alive(int(proc.name)):
-            found.append(int(proc.name))
-    return found
-
-
-def wait_until(pred, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(interval)
-
-
-class GenqUp:
-    """``python -m genq.cli up`` as a child process."""
-
-    def __init__(self, tmp: Path, data: Path, config: Path, port: int):
-        self.tmp, self.data, self.config, self.port = tmp, data, config, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
-        self.runs = 0
-
-    def start(self) -> float:
-        self.runs += 1
-        log = open(self.tmp / f"genq-up-{self.runs}.log", "wb")
-        t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "genq.cli", "up", "--port", str(self.port), "--data-dir", str(self.data),
-             "--config", str(self.config)],
-            env=genq_env(self.tmp), cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-        log.close()
-
-        def ready() -> bool:
-            assert self.proc.poll() is None, f"genq up exited {self.proc.returncode}:\n{self.log()}"
-            try:
-                return httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(ready, 30, "genq up to be ready", 0.1)
-        return time.monotonic() - t0
-
-    def log(self) -> str:
-        return (self.tmp / f"genq-up-{self.runs}.log").read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @pytest.fixture
@@ -358,7 +260,6 @@ async def test_a_job_drained_on_its_last_delivery_runs_again(live):
     """A worker stopping (scale-in, rollout) hands its running job back without counting
     the attempt, even when JetStream would not deliver that message again (its last
     delivery, MaxDeliver 1 here): the job goes out as a new message and runs."""
-    from test_api_flows import poll
 
     rt = live.emb.rt
     old = next(w for w in live.emb.workers if w.name == "echo")
@@ -456,7 +357,6 @@ async def run_new_echo_worker(rt, c, job_id: str) -> dict:
     ``job_id`` to end, stop the worker; the job as it ended."""
     from genq.worker.tools import build_tool
     from genq.worker.worker import Worker
-    from test_api_flows import poll
 
     spec = rt.registry.get("echo")
     new = Worker(spec, build_tool(spec), store=rt.store, bus=rt.bus, blobs=rt.blobs, settings=rt.settings,

@@ -37,7 +37,7 @@ from PIL import Image, PngImagePlugin
 
 from conftest import ADMIN
 from hostile import GenqProcess, error_body_problem
-from test_images import encode, jpeg_with_size, noise, png_bomb, png_chunk, webp_patched, webp_vp8x
+from helpers import encode, jpeg_with_size, noise, png_bomb, png_chunk, webp_patched, webp_vp8x
 
 MB = 1024 * 1024
 REPEATS = 5

@@ -9,8 +9,8 @@ import asyncio
 from ulid import ULID
 
 from genq.models import Job, Priority, Status
-from genq.operator.housekeeping import Action, decide
-from test_api_flows import poll
+from genq.housekeeping import Action, decide
+from helpers import poll
 
 KW = dict(heartbeat_stale=10.0, unpublished_grace=5.0, deadline_grace=2.0)
 
@@ -58,12 +58,12 @@ async def test_published_job_whose_position_was_never_written_runs_once(live):
     other submits'). A crash in between leaves a published job that reads as unpublished:
     housekeeping's republish carries the submit's message id, so JetStream keeps the one
     message and answers with its position, and the job runs once."""
-    from genq.api.service import _msg_id
+    from genq.lifecycle import dedupe_id
 
     rt = live.emb.rt
     job = await rt.store.create(Job(id=str(ULID()), owner="admin", tool="echo", variant="default",
                                     priority=Priority.NORMAL, params={"text": "crash", "seed": 5}, seed=5))
-    seq = await rt.bus.publish_job(job.tool, job.priority.value, job.id, _msg_id(job))  # ...and no position noted
+    seq = await rt.bus.publish_job(job.tool, job.priority.value, job.id, dedupe_id(job))  # ...and no position noted
     await live.emb.housekeeper._apply(job, Action.REPUBLISH, job.created_at + 10)
     async with live.client() as c:
         done = await poll(c, job.id, timeout=15)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import io
 import random
-import struct
 import time
-import zlib
 
 import pytest
 from PIL import Image, PngImagePlugin
 
 from genq import images
 from genq.images import CheckedImage, ImageRejected, check_image
+from helpers import encode, jpeg_with_size, noise, png_bomb, webp_patched, webp_vp8x
 
 MB = 1024 * 1024
 MAX_BYTES = 20 * MB
@@ -27,64 +26,6 @@ def rejected(data: bytes, **kw) -> ImageRejected:
     with pytest.raises(ImageRejected) as info:
         check(data, **kw)
     return info.value
-
-
-# --- sample builders -------------------------------------------------------------------
-
-
-def noise(mode: str, size=(64, 48), seed: int = 0) -> Image.Image:
-    bands = len(Image.new(mode, (1, 1)).getbands())
-    raw = random.Random(seed).randbytes(size[0] * size[1] * bands)
-    return Image.frombytes(mode, size, raw)
-
-
-def encode(img: Image.Image, fmt: str, **params) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **params)
-    return buf.getvalue()
-
-
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-
-def png_bomb(side: int = 20_000) -> bytes:
-    """A real, valid 1-bit PNG of side x side black pixels, tens of KB on disk."""
-    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    row = b"\0" * (1 + (side + 7) // 8)  # filter byte + packed bits
-    co = zlib.compressobj(9)
-    idat = b"".join(co.compress(row) for _ in range(side)) + co.flush()
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
-
-
-def jpeg_with_size(width: int, height: int) -> bytes:
-    """A real baseline JPEG whose SOF0 header is patched to claim width x height."""
-    data = bytearray(encode(noise("RGB", (16, 16)), "JPEG"))
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
-
-
-def webp_vp8x(width: int, height: int) -> bytes:
-    """A WEBP extended header declaring a width x height canvas, then a tiny lossless frame."""
-    frame = encode(noise("RGB", (4, 4)), "WEBP", lossless=True)[12:]  # the VP8L chunk
-    vp8x = b"VP8X" + struct.pack("<I", 10) + b"\0\0\0\0" + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
-    body = b"WEBP" + vp8x + frame
-    return b"RIFF" + struct.pack("<I", len(body)) + body
-
-
-def webp_patched(width: int, height: int, *, lossless: bool) -> bytes:
-    """A real simple-format WEBP (VP8L or VP8 chunk) with its frame header patched to width x height."""
-    data = bytearray(encode(noise("RGB", (16, 16)), "WEBP", lossless=lossless, quality=80))
-    chunk = bytes(data[12:16])
-    if chunk == b"VP8L":
-        bits = int.from_bytes(data[21:25], "little") & ~((1 << 28) - 1)
-        data[21:25] = (bits | (width - 1) | ((height - 1) << 14)).to_bytes(4, "little")
-    elif chunk == b"VP8 ":
-        data[26:30] = struct.pack("<HH", width, height)
-    else:  # pragma: no cover - depends on the libwebp build
-        pytest.skip(f"Pillow wrote a {chunk!r} WEBP")
-    return bytes(data)
 
 
 # --- process memory ----------------------------------------------------------------------

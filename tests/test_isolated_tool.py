@@ -18,9 +18,10 @@ import pytest
 from PIL import Image
 
 from conftest import TESTS
+from helpers import poll
 from genq.tools import ToolSpec
 from genq.worker.tools import build_tool
-from genq.worker.tools.base import CancelToken, Cancelled, InputFile, ToolCall, ToolError, WatchFlag
+from genq.worker.tools.base import CancelToken, Cancelled, InputFile, LazyFile, ToolCall, ToolError, WatchFlag
 from genq.worker.tools.isolated import ProcessTool, isolation_of
 
 
@@ -247,7 +248,7 @@ def test_text_to_image_in_its_process_cancels_within_a_step_and_returns_raw_imag
             freed, step = time.perf_counter() - steps[2], steps[2] - steps[1]
             result = await t2i.arun(call({"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 3}))
             [f] = result.files
-            assert f.lazy and "data" not in vars(f) and f.image.size == (64, 64) and f.content_type == "image/png"
+            assert isinstance(f, LazyFile) and "data" not in vars(f) and f.image.size == (64, 64) and f.content_type == "image/png"
             png = Image.open(io.BytesIO(f.data))
             assert png.format == "PNG" and json.loads(png.text["genq"])["seed"] == 3 and "Steps: 2" in png.text["parameters"]
             return freed, step
@@ -264,7 +265,6 @@ async def test_the_next_job_goes_to_the_process_during_the_last_ones_final_phase
     """Once a job reports its last step, its slot sends the next job to the same process,
     which starts it the moment the last one ends: no round trip through the worker's loop
     between two jobs. The next job is ``running`` from then on."""
-    from test_api_flows import poll
 
     async with live.client() as c:
         a = (await c.post("/v1/jobs", json={"tool": "echo", "params": {"sleep": 0.2, "tail": 1.5, "text": "a"}})).json()["id"]
@@ -285,7 +285,6 @@ async def test_every_job_of_a_run_hands_its_successor_over_early(live):
     """Not every other one: the job before is still finishing (a tail) when a job starts,
     and counting tails then kept every second job from handing over early (BENCHMARKS §4:
     half of a tiny model's jobs waited for their successor's claim)."""
-    from test_api_flows import poll
 
     async with live.client() as c:
         ids = [(await c.post("/v1/jobs", json={"tool": "echo", "params": {"sleep": 0.2, "tail": 0.6, "text": f"r{i}"}})).json()["id"]

@@ -21,8 +21,7 @@ from conftest import start_live, stop_live, tools_config
 from genq import constants
 from k8s.controlplane import control_plane  # noqa: F401  (the session fixture)
 from test_api_flows import *  # noqa: F403  (the flows, collected again here)
-from test_api_flows import poll
-from test_operator_k8s import eventually
+from helpers import eventually, poll
 from test_housekeeping import (  # noqa: F401  (collected again here)
     test_queued_job_whose_stream_message_was_lost_is_republished,
     test_stored_but_unpublished_job_is_republished,
@@ -95,14 +94,17 @@ async def test_kubectl_active_false_cancels_queued_and_running_jobs(live, contro
         while await live.emb.rt.bus.has_message(seq):
             assert time.monotonic() < gone, f"message {seq} of the cancelled queued job is still in the stream"
             await asyncio.sleep(0.05)
-        # and `kubectl describe gjob` says why
+        # and `kubectl describe gjob` says why (the Event is written right after the
+        # message goes, so it may land a moment after the loop above ends)
         from genq.adapters.kubernetes import resource_name
 
-        with control_plane.client() as api:
-            events = api.get(f"/api/v1/namespaces/{live.emb.rt.store.namespace}/events").json()["items"]
-        reasons = {(e["involvedObject"]["name"], e["reason"], e["involvedObject"]["kind"]) for e in events}
-        for jid in (queued, running):
-            assert (resource_name(jid), "Cancelled", "GenerationJob") in reasons, reasons
+        def reasons() -> set[tuple[str, str, str]]:
+            with control_plane.client() as api:
+                events = api.get(f"/api/v1/namespaces/{live.emb.rt.store.namespace}/events").json()["items"]
+            return {(e["involvedObject"]["name"], e["reason"], e["involvedObject"]["kind"]) for e in events}
+
+        wanted = {(resource_name(jid), "Cancelled", "GenerationJob") for jid in (queued, running)}
+        await eventually(lambda: wanted <= reasons(), timeout=5, what="a Cancelled Event on each job")
         r = await c.post("/v1/jobs", json={"tool": "once", "params": {"text": "next"}, "wait": 10})
         assert r.json()["status"] == "succeeded"
         assert time.monotonic() - t0 < 8

@@ -36,7 +36,7 @@ from genq import constants
 from genq.adapters.kubernetes import resource_name
 from genq.adapters.nats_server import EmbeddedNats
 from k8s.controlplane import control_plane  # noqa: F401  (the session fixture)
-from test_operator_k8s import rbac_documents
+from helpers import rbac_documents, wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -58,20 +58,6 @@ def free_port() -> int:
 def ok(r: httpx.Response) -> dict:
     assert r.is_success, f"{r.request.method} {r.request.url} -> {r.status_code}: {r.text}"
     return r.json()
-
-
-def eventually(probe, timeout: float = 30.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-            if last:
-                return last
-        except (AssertionError, KeyError, TypeError, httpx.HTTPError) as e:
-            last = e
-        time.sleep(0.2)
-    raise AssertionError(f"not true after {timeout} s: {what or probe} (last: {last!r})")
 
 
 class Proc:
@@ -160,7 +146,7 @@ class Cluster:
         self.procs["api"] = Proc("api", [GENQ, "api", "--host", "127.0.0.1", "--port", str(self.api_port)],
                                  self.env("api", GENQ_ADMIN_KEY=ADMIN), self.workdir).start()
         self.start_operator()
-        eventually(lambda: httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200, 60,
+        wait_until(lambda: httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200, 60,
                    f"the API to be ready:\n{self.procs['api'].tail()}")
         return self
 
@@ -215,7 +201,7 @@ class Cluster:
         w = Proc(f"worker-{len(self.workers)}", [GENQ, *container["args"]], env, self.workdir).start()
         self.workers.append(w)
         port = env["GENQ_WORKER_HEALTH_PORT"]
-        eventually(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200, 60,
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200, 60,
                    f"the worker to be ready:\n{w.tail()}")
         return w
 
@@ -247,7 +233,7 @@ class Cluster:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
 
     def wait_job(self, c: httpx.Client, job_id: str, until=("succeeded", "failed", "cancelled"), timeout: float = 30) -> dict:
-        return eventually(lambda: (j := ok(c.get(f"/v1/jobs/{job_id}")))["status"] in until and j, timeout,
+        return wait_until(lambda: (j := ok(c.get(f"/v1/jobs/{job_id}")))["status"] in until and j, timeout,
                           f"job {job_id} to reach {until}")
 
 
@@ -266,13 +252,13 @@ def test_submit_becomes_a_generation_job_that_a_pool_worker_finishes(cluster):
     c = cluster
     # The API's tools are the namespace's ToolPools.
     with c.client() as api:
-        eventually(lambda: [t["name"] for t in ok(api.get("/v1/tools"))["tools"]] == ["echo"], 20, "the pool as a tool")
+        wait_until(lambda: [t["name"] for t in ok(api.get("/v1/tools"))["tools"]] == ["echo"], 20, "the pool as a tool")
         jid = ok(api.post("/v1/jobs", json={"tool": "echo", "params": {"text": "cluster", "seed": 3}}))["id"]
         gjob = c.get(c.job_path(jid))
         assert gjob["spec"]["tool"] == "echo" and gjob["spec"]["owner"] and gjob["spec"]["active"] is True
         assert constants.JOB_FINALIZER in gjob["metadata"]["finalizers"]
         # Backlog, no worker: the operator scales the pool's Deployment up.
-        eventually(lambda: c.replicas() == 1, 30, "scale-up on backlog")
+        wait_until(lambda: c.replicas() == 1, 30, "scale-up on backlog")
         c.run_worker_pod()
         done = c.wait_job(api, jid)
         assert done["status"] == "succeeded" and done["result"]["seed"] == 3, done
@@ -283,7 +269,7 @@ def test_submit_becomes_a_generation_job_that_a_pool_worker_finishes(cluster):
     out = c.cp.kubectl("get", "generationjobs", "-n", c.ns).stdout
     assert "Completed" in out and "echo" in out, out
     # Idle: back to zero after scaleDownDelaySeconds (the local worker is not a pod).
-    eventually(lambda: c.replicas() == 0, 30, "scale to zero when idle")
+    wait_until(lambda: c.replicas() == 0, 30, "scale to zero when idle")
 
 
 def test_operator_killed_mid_work_and_restarted_converges(cluster):
@@ -295,7 +281,7 @@ def test_operator_killed_mid_work_and_restarted_converges(cluster):
         slow = [ok(api.post("/v1/jobs", json={"tool": "echo", "params": {"text": f"slow{i}", "sleep": 4}}))["id"]
                 for i in range(2)]
         stuck = ok(api.post("/v1/jobs", json={"tool": "echo", "params": {"text": "stuck", "sleep": 60}}))["id"]
-        eventually(lambda: c.replicas() == 2, 30, "scale-up for 3 jobs of 2 slots per worker")
+        wait_until(lambda: c.replicas() == 2, 30, "scale-up for 3 jobs of 2 slots per worker")
         c.procs["operator"].kill()
         # While no operator runs: the API keeps taking work, kubectl cancels a job.
         more = [ok(api.post("/v1/jobs", json={"tool": "echo", "params": {"text": f"more{i}"}}))["id"] for i in range(3)]
@@ -309,7 +295,7 @@ def test_operator_killed_mid_work_and_restarted_converges(cluster):
         assert cancelled["status"] == "cancelled" and "spec.active" in cancelled["error"]["message"]
         for jid in slow + more:
             assert c.wait_job(api, jid, timeout=60)["status"] == "succeeded"
-    eventually(lambda: c.replicas() == 0, 40, "scale back to zero after the restart")
+    wait_until(lambda: c.replicas() == 0, 40, "scale back to zero after the restart")
     lease = c.get(f"/apis/coordination.k8s.io/v1/namespaces/{c.ns}/leases/{constants.OPERATOR_LEASE}")
     assert lease["spec"]["holderIdentity"], lease
 
@@ -340,7 +326,7 @@ def test_apiserver_outage_of_30s_gives_503_then_recovers(cluster):
         finally:
             c.cp.start_process("kube-apiserver")
         # Recovery without restarting anything.
-        eventually(lambda: api.get("/readyz").status_code == 200, 60, "the API ready again")
+        wait_until(lambda: api.get("/readyz").status_code == 200, 60, "the API ready again")
         after = ok(api.post("/v1/jobs", json={"tool": "echo", "params": {"text": "after"}}))
         assert c.wait_job(api, after["id"], timeout=60)["status"] == "succeeded"
     # The API and the worker rode it out in place. An operator that could not renew its
@@ -353,7 +339,7 @@ def test_apiserver_outage_of_30s_gives_503_then_recovers(cluster):
         c.start_operator()
     with c.client() as api:
         ok(api.post("/v1/jobs", json={"tool": "echo", "params": {"text": "late", "sleep": 20}}))
-    eventually(lambda: c.replicas() == 1, 60, "the operator scaling again after the outage")
+    wait_until(lambda: c.replicas() == 1, 60, "the operator scaling again after the outage")
 
 
 def test_operator_exits_promptly_on_sigterm(cluster):
@@ -364,7 +350,7 @@ def test_operator_exits_promptly_on_sigterm(cluster):
     c.ensure_operator()
     op = c.procs["operator"]
     # This start's own output: after a restart the log still holds the last one's "leads".
-    eventually(lambda: "leads; starting the handlers" in op.output(), 60, "the operator to lead")
+    wait_until(lambda: "leads; starting the handlers" in op.output(), 60, "the operator to lead")
     t0 = time.monotonic()
     os.kill(op.proc.pid, signal.SIGTERM)
     op.proc.wait(30)

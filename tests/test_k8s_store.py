@@ -18,6 +18,7 @@ from ulid import ULID
 from genq.adapters.kubernetes import KubernetesKeyStore, KubernetesStore, resource_name
 from genq.models import ApiKey, FileRef, Job, Priority, Status
 from genq.ports import JobFilter
+from helpers import eventually
 from k8s.controlplane import control_plane  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.k8s
@@ -64,17 +65,6 @@ def new_job(tool: str = "echo", priority: Priority = Priority.NORMAL, **kw) -> J
     )
     fields.update(kw)
     return Job(**fields)
-
-
-async def eventually(probe, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout} s")
-        await asyncio.sleep(0.05)
 
 
 async def test_create_then_read_back_at_once(store):

@@ -13,7 +13,6 @@ import asyncio
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,6 +22,7 @@ from genq import constants
 from genq.adapters.nats import NatsBus
 from genq.adapters.nats_server import EmbeddedNats
 from genq.operator import conditions, scaling
+from helpers import eventually, rbac_documents
 from k8s.controlplane import control_plane  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.k8s
@@ -136,20 +136,6 @@ def running_job(name: str, worker: str) -> tuple[dict, dict]:
 
 def cond(type_: str, status: str, reason: str) -> dict:
     return {"type": type_, "status": status, "reason": reason, "message": "", "lastTransitionTime": NOW}
-
-
-async def eventually(probe, timeout: float = 30.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-            if last:
-                return last
-        except (AssertionError, KeyError, httpx.HTTPError) as e:
-            last = e
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"not true after {timeout} s: {what or probe} (last: {last!r})")
 
 
 def get(api, path: str) -> dict | None:
@@ -291,23 +277,6 @@ async def test_two_operators_one_leader(api, ns, bus, control_plane, monkeypatch
     finally:
         a.stop()
         b.stop()
-
-
-# -- RBAC -----------------------------------------------------------------------------------
-
-RBAC = Path(__file__).resolve().parents[1] / "deploy" / "rbac"
-
-
-def rbac_documents(name: str, ns: str) -> list[dict]:
-    """deploy/rbac/<name>.yaml with the release namespace `genq` replaced by ``ns``."""
-    docs = [d for d in yaml.safe_load_all((RBAC / f"{name}.yaml").read_text()) if d]
-    for d in docs:
-        if d["metadata"].get("namespace") == "genq":
-            d["metadata"]["namespace"] = ns
-        for s in d.get("subjects", []):
-            if s.get("namespace") == "genq":
-                s["namespace"] = ns
-    return docs
 
 
 def apply_rbac(control_plane, name: str, ns: str, *, cluster_scoped: bool = True) -> list[dict]:  # noqa: F811

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from test_api_flows import assert_error, poll
+from helpers import assert_error, poll
 
 
 async def test_nats_down_gives_503_then_recovers(live):

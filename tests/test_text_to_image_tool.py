@@ -244,9 +244,9 @@ def test_calls_run_in_inference_mode_unless_turned_off(tool):
     assert on_bytes == off_bytes
     assert not torch.is_inference_mode_enabled()  # the scope ends with the call
 
-    with pipelines.running(CancelToken(), pipelines.Runtime(cpu_offload=True)):
+    with pipelines.running(CancelToken(), pipelines.PipelineOptions(cpu_offload=True)):
         assert not torch.is_inference_mode_enabled()
-    with pipelines.running(CancelToken(), pipelines.Runtime()):
+    with pipelines.running(CancelToken(), pipelines.PipelineOptions()):
         assert torch.is_inference_mode_enabled()
 
 

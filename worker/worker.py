@@ -1,4 +1,4 @@
-"""The worker loop: pull a tool's jobs, run them, report status (SPEC §6).
+"""The worker loop: pull a tool's jobs, run them, report status.
 
 Each slot (``maxWorkers × concurrencyPerWorker`` of them in the embedded mode, one per
 ``concurrencyPerWorker`` in a pod) asks the bus for the next job in dispatch order, moves
@@ -11,7 +11,8 @@ keys and ends the delivery with ``ack`` (done), ``nak(delay)`` (retry with backo
 Delivery is at least once; effects are exactly once: every status write is guarded by the
 attempt that made it, so a redelivered job that lost the race does nothing.
 
-Neighbours: talks to :mod:`genq.ports` only; tools come from :mod:`genq.worker.tools`.
+Neighbours: talks to :mod:`genq.ports` only, and moves a job's status only through
+:mod:`genq.lifecycle`; tools come from :mod:`genq.worker.tools`.
 """
 
 from __future__ import annotations
@@ -25,19 +26,21 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from genq import constants
+from genq import constants, lifecycle
 from genq.metrics import Metrics
-from genq.models import Job, Status
-from genq.ports import BlobStore, Bus, JobStore, PortError
+from genq.models import FileRef, Job, Status
+from genq.ports import BlobStore, Bus, Delivery, JobStore, PortError, Subscription
 from genq.settings import Settings
 from genq.tools import ToolSpec
 from genq.worker.tools.base import (
     CancelToken,
     Cancelled,
     InputFile,
+    LazyFile,
     Retry,
     Tool,
     ToolCall,
@@ -109,10 +112,10 @@ class Worker:
         self._finishing: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._subs: list[Any] = []
-        self._idle_slots = 0
+        self._slot_tasks: list[asyncio.Task[None]] = []
+        self._subs: list[Subscription] = []
         #: Per slot: the pull of its next job, started during the running job's last step.
-        self._prefetch: dict[int, asyncio.Future[Any]] = {}
+        self._prefetch: dict[int, asyncio.Future[Delivery | None]] = {}
         #: Attempts past their last step whose slot already moved on (see ``_run``).
         self._tails: set[asyncio.Task[None]] = set()
         self.loaded = asyncio.Event()
@@ -149,9 +152,8 @@ class Worker:
         """Stop taking jobs, give running ones ``drain`` seconds, hand the rest back."""
         self._stopping.set()
         drain = self.settings.drain_seconds if drain is None else drain
-        slot_tasks = getattr(self, "_slot_tasks", [])
-        if slot_tasks:
-            done, pending = await asyncio.wait(slot_tasks, timeout=drain)
+        if self._slot_tasks:
+            done, pending = await asyncio.wait(self._slot_tasks, timeout=drain)
             if pending:
                 for r in list(self._running.values()):
                     r.token.cancel("shutdown")
@@ -167,15 +169,11 @@ class Worker:
             await asyncio.wait(set(self._finishing), timeout=30)
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for s in self._subs:
             await s.unsubscribe()
-        aclose = getattr(self.tool, "aclose", None)
-        if aclose is not None:  # the tool's child processes
-            with contextlib.suppress(Exception):
-                await aclose()
+        with contextlib.suppress(Exception):  # the tool's child processes
+            await self.tool.aclose()
         with contextlib.suppress(Exception):
             await self.store.worker_gone(self.id)
 
@@ -190,7 +188,7 @@ class Worker:
     async def _load(self) -> None:
         t0 = time.perf_counter()
         try:
-            await self._load_variant(self.spec.default_variant)
+            await self.tool.aload(self.spec.default_variant)
         except Exception:
             log.exception("%s: loading the model failed; jobs will retry the load", self.name)
         else:
@@ -205,21 +203,21 @@ class Worker:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.settings.worker_heartbeat_seconds)
 
-    async def _listen_cancels(self, sub: Any) -> None:
+    async def _listen_cancels(self, sub: Subscription) -> None:
         async for msg in sub:
             job_id = msg.get("id")
             running = self._running.get(job_id)
             if running is not None:
                 running.token.cancel(msg.get("reason") or "cancelled")
 
-    async def _listen_warm(self, sub: Any) -> None:
+    async def _listen_warm(self, sub: Subscription) -> None:
         async for msg in sub:
             variant = msg.get("variant") or self.spec.default_variant
             self._warm_until = max(self._warm_until, time.time() + float(msg.get("seconds") or 0))
             with contextlib.suppress(Exception):
-                await self._load_variant(variant)
+                await self.tool.aload(variant)
 
-    async def _listen_watches(self, sub: Any) -> None:
+    async def _listen_watches(self, sub: Subscription) -> None:
         async for msg in sub:
             job_id = msg.get("id")
             if not isinstance(job_id, str):
@@ -238,17 +236,9 @@ class Worker:
     def watched(self, job_id: str) -> bool:
         return self._watched.get(job_id, 0.0) > time.monotonic()
 
-    async def _load_variant(self, variant: str) -> None:
-        aload = getattr(self.tool, "aload", None)  # a tool in child processes loads there
-        await (aload(variant) if aload else asyncio.to_thread(self.tool.load, variant))
-
     # -- the slot loop -----------------------------------------------------------------
     async def _slot(self, index: int) -> None:
-        loaded = asyncio.create_task(self.loaded.wait())
-        stopping = asyncio.create_task(self._stopping.wait())
-        await asyncio.wait({loaded, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        loaded.cancel()
-        stopping.cancel()
+        await self._unless_stopping(self.loaded.wait())
         while not self._stopping.is_set():
             token = self.bus.work_token(self.name)
             try:
@@ -262,11 +252,7 @@ class Worker:
                 await self._sleep(0.5)
                 continue
             if delivery is None:
-                waiter = asyncio.create_task(self.bus.wait_for_work(self.name, token, 1.0))
-                stopper = asyncio.create_task(self._stopping.wait())
-                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                stopper.cancel()
+                await self._unless_stopping(self.bus.wait_for_work(self.name, token, 1.0))
                 continue
             try:
                 await self.handle(delivery, slot=index)
@@ -275,7 +261,7 @@ class Worker:
                 # JetStream redelivers it after ack_wait.
                 log.exception("%s: job %s could not be processed; it will be redelivered", self.name, delivery.job_id)
 
-    async def _next_delivery(self, index: int) -> Any:
+    async def _next_delivery(self, index: int) -> Delivery | None:
         early = self._prefetch.pop(index, None)
         if early is not None:
             with contextlib.suppress(Exception):
@@ -286,14 +272,13 @@ class Worker:
 
     def _prefetch_next(self, slot: int) -> None:
         """Start pulling ``slot``'s next job when its current job begins its last step, so
-        the next one starts as soon as the tool returns (the pull's round trip to
-        JetStream, ~1 ms, was a gap of every job). Only in the last step: a message held
-        here is one no other worker can take, and the last step plus the decode is as
-        long as it waits. The job is still ``queued`` until its turn (``handle``)."""
+        the next one starts as soon as the tool returns, with no round trip to JetStream in
+        between. Only then: a message held here is one no other worker can take. The job is
+        still ``queued`` until its turn (``handle``)."""
         if slot in self._prefetch or self._stopping.is_set():
             return
 
-        async def pull() -> Any:
+        async def pull() -> Delivery | None:
             with contextlib.suppress(Exception):
                 return await self.bus.pull(self.name)
             return None
@@ -308,7 +293,7 @@ class Worker:
         d = await early if early is not None else None
         if d is None:
             return
-        if getattr(d, "attempt", 0) < self.spec.max_attempts:
+        if d.attempt < self.spec.max_attempts:
             await d.nak(0)
             return
         job = await self.store.get(d.job_id)
@@ -317,21 +302,28 @@ class Worker:
         else:
             await d.term()
 
-    async def _publish_anew(self, job: Job, d: Any) -> None:
+    async def _publish_anew(self, job: Job, d: Delivery) -> None:
         """End delivery ``d`` of a queued ``job`` and put the job out as a new message."""
         try:
-            seq = await self.bus.publish_job(self.name, job.priority.value, job.id, f"{job.id}.{job.seq}.{d.stream_seq}")
-            await self.store.transition(job.id, [Status.QUEUED], stream_seq=seq)
+            seq = await self.bus.publish_job(self.name, job.priority.value, job.id, lifecycle.dedupe_id(job, d.stream_seq))
+            await lifecycle.apply(self.store, job.id, lifecycle.republished(job, seq))
         except Exception:  # housekeeping's stream check republishes it once the message is gone
             log.exception("%s: job %s could not be republished", self.name, job.id)
         await d.term()
+
+    async def _unless_stopping(self, aw: Awaitable[Any]) -> None:
+        """Wait for ``aw``, or until the worker is stopping, whichever comes first."""
+        waiter, stopper = asyncio.ensure_future(aw), asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        stopper.cancel()
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
     # -- one delivery ------------------------------------------------------------------
-    async def handle(self, d: Any, slot: int | None = None) -> None:
+    async def handle(self, d: Delivery, slot: int | None = None) -> None:
         # fresh: the message can outrun this process's view of the store (the API's create
         # not yet on a Kubernetes watch); only a job that is really gone is dropped.
         job = await self.store.get(d.job_id, fresh=True)
@@ -342,22 +334,11 @@ class Worker:
             await d.ack()  # cancelled while queued, or a duplicate delivery that lost
             return
         now = time.time()
-        attempt = job.attempts + 1
-        started = await self._storing(d, time.time() + _STORE_RETRY_SECONDS, lambda: self.store.transition(
-            job.id,
-            [Status.QUEUED, Status.RUNNING],
-            # Not the version: the API may still be writing stream_seq. Nobody else may
-            # have started an attempt in between, which is what matters.
-            guard=lambda j: j.attempts == job.attempts,
-            status=Status.RUNNING,
-            attempts=attempt,
-            started_at=now,
-            heartbeat_at=now,
-            worker=self.id,
-            progress=0.0,
-            stream_seq=d.stream_seq,
-            delivery=getattr(d, "reply", None),
-        ))
+        start = lifecycle.start(job, worker=self.id, now=now, stream_seq=d.stream_seq, delivery=d.reply)
+        # Guarded not by the version (the API may still be writing stream_seq) but by the
+        # attempt: nobody else may have started one in between, which is what matters.
+        started = await self._storing(d, time.time() + _STORE_RETRY_SECONDS, lambda: lifecycle.apply(
+            self.store, job.id, start, guard=lambda j: j.attempts == job.attempts))
         if started is None:
             latest = await self.store.get(d.job_id)
             if latest is None or latest.terminal:
@@ -366,10 +347,10 @@ class Worker:
                 await d.nak(0.5)
             return
         self.metrics.queue_wait_seconds.labels(self.name).observe(max(0.0, now - job.created_at))
-        await self._emit(started)
+        await lifecycle.announce(self.bus, started)
         await self._run(started, d, slot)
 
-    async def _storing(self, d: Any, until: float, write: Any) -> Any:
+    async def _storing(self, d: Delivery, until: float, write: Callable[[], Awaitable[Job | None]]) -> Job | None:
         """``await write()``, again on a storage fault (a full disk, the store down) until
         ``until``, keeping the delivery in progress meanwhile. Handing it back would spend
         one of the job's ``MaxDeliver`` deliveries on a fault that is not the job's: after a
@@ -387,14 +368,14 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 2.0)
 
-    def _mine(self, attempt: int):
+    def _mine(self, attempt: int) -> Callable[[Job], bool]:
         return lambda j: j.attempts == attempt and j.worker == self.id
 
-    async def _run(self, job: Job, d: Any, slot: int | None = None) -> None:
+    async def _run(self, job: Job, d: Delivery, slot: int | None = None) -> None:
         running = _Running(job=job, token=CancelToken(), slot=slot)
         self._running[job.id] = running
         attempt = asyncio.ensure_future(self._attempt(job, d, running))
-        if slot is None or not getattr(self.tool, "queues_runs", False):
+        if slot is None or not self.tool.queues_runs:
             await attempt
             return
         released = asyncio.ensure_future(running.last_step.wait())
@@ -425,7 +406,7 @@ class Worker:
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: a job could not be processed; it will be redelivered", self.name, exc_info=task.exception())
 
-    async def _attempt(self, job: Job, d: Any, running: _Running) -> None:
+    async def _attempt(self, job: Job, d: Delivery, running: _Running) -> None:
         token = running.token
         loop = asyncio.get_running_loop()
         mine = self._mine(job.attempts)
@@ -436,33 +417,13 @@ class Worker:
             deadline = loop.call_later(max(0.0, remaining), token.cancel, "deadline")
         t0 = time.perf_counter()
         try:
-            inputs = [
-                InputFile(name=f.name, content_type=f.content_type, data=await self.blobs.get(f.key)) for f in job.inputs
-            ]
-
-            def progress(fraction: float, step: int | None = None, steps: int | None = None) -> None:
-                loop.call_soon_threadsafe(self._on_progress, running, float(fraction), step, steps)
-
-            if self.watched(job.id):
-                running.watch.set()
-            call = ToolCall(
-                job_id=job.id,
-                variant=job.variant,
-                params=dict(job.params),
-                inputs=inputs,
-                seed=job.seed,
-                progress=progress,
-                cancel=token,
-                watched=running.watch,
-            )
+            call = await self._call(job, running)
             token.raise_if_cancelled()
-            arun = getattr(self.tool, "arun", None)
-            result: ToolResult = await arun(call) if arun else await asyncio.to_thread(self.tool.run, call)
+            result = await self.tool.arun(call)
             if token.cancelled:
                 raise Cancelled(token.reason or "cancelled")
-            # The slot is free once the tool returns: writing the results and the final
-            # compare-and-set overlap the next job's compute (on a cluster that is an
-            # object-storage upload per result, tens of ms a job).
+            # The slot is free once the tool returns: writing the results (an upload each,
+            # on a cluster) and the final compare-and-set overlap the next job's compute.
             await self._finish_later(job, self._succeed(job, d, result, time.perf_counter() - t0, mine))
         except Cancelled:
             await self._interrupted(job, d, token.reason or "cancelled", mine)
@@ -489,7 +450,21 @@ class Worker:
             self._running.pop(job.id, None)
             self.metrics.job_seconds.labels(self.name).observe(time.perf_counter() - t0)
 
-    async def _finish_later(self, job: Job, finish: Any) -> None:
+    async def _call(self, job: Job, running: _Running) -> ToolCall:
+        """What the tool gets: the job's inputs read, progress reported to this loop."""
+        loop = asyncio.get_running_loop()
+        inputs = [InputFile(name=f.name, content_type=f.content_type, data=await self.blobs.get(f.key))
+                  for f in job.inputs]
+
+        def progress(fraction: float, step: int | None = None, steps: int | None = None) -> None:
+            loop.call_soon_threadsafe(self._on_progress, running, float(fraction), step, steps)
+
+        if self.watched(job.id):
+            running.watch.set()
+        return ToolCall(job_id=job.id, variant=job.variant, params=dict(job.params), inputs=inputs, seed=job.seed,
+                        progress=progress, cancel=running.token, watched=running.watch)
+
+    async def _finish_later(self, job: Job, finish: Awaitable[None]) -> None:
         """Run ``finish`` (a coroutine recording a finished job) in the background; wait
         first while ``slots`` finishes are already pending, so results held in memory stay
         bounded. A failure is logged and leaves the message unacked (redelivered after
@@ -507,7 +482,7 @@ class Worker:
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 
-    async def _heartbeat(self, job: Job, d: Any, mine: Any, slot: int | None = None) -> None:
+    async def _heartbeat(self, job: Job, d: Delivery, mine: Callable[[Job], bool], slot: int | None = None) -> None:
         interval = max(0.2, self.settings.ack_wait_seconds / 3)
         while True:
             await asyncio.sleep(interval)
@@ -518,25 +493,20 @@ class Worker:
                 with contextlib.suppress(Exception):  # a long last step: keep the next one ours
                     await early.result().in_progress()
             with contextlib.suppress(Exception):
-                await self.store.transition(job.id, [Status.RUNNING], guard=mine, heartbeat_at=time.time())
+                await lifecycle.apply(self.store, job.id, lifecycle.heartbeat(time.time()), guard=mine)
 
     def _on_progress(self, running: _Running, fraction: float, step: int | None, steps: int | None) -> None:
         fraction = min(1.0, max(0.0, fraction))
         job = running.job
         if running.slot is not None and in_last_step(step, steps):
             # The last step begins: pull the slot's next job, and (a tool that queues runs)
-            # let the slot hand it to the tool now. Its claim and hand-over then have the
-            # whole last step and the decode to land in before the tool is free; waiting
-            # for the step's end left a tiny model's process idle for ~0.7 ms a job.
+            # let the slot hand it to the tool now, so its claim and hand-over land before
+            # the tool is free.
             self._prefetch_next(running.slot)
             running.last_step.set()
         if self.watched(job.id):  # nobody listening, no event: they cost nats-server a wakeup each
-            asyncio.ensure_future(
-                self.bus.publish(
-                    constants.events_subject(job.id),
-                    {"type": "progress", "id": job.id, "progress": fraction, "step": step, "steps": steps},
-                )
-            )
+            event = lifecycle.progress_event(job, fraction, step, steps)
+            asyncio.ensure_future(self.bus.publish(constants.events_subject(job.id), event))
         now = time.monotonic()
         # Throttled (a watcher gets every step as an event); the final write is the job's success.
         if now - running.last_progress_write >= _PROGRESS_WRITE_INTERVAL and fraction < 1.0:
@@ -544,22 +514,19 @@ class Worker:
             asyncio.ensure_future(self._write_progress(job, fraction))
 
     async def _write_progress(self, job: Job, fraction: float) -> None:
-        # Only while running: a write that lands after the job's success (a slow store, a
-        # retried conflict) must not take its progress back from 1.0.
         with contextlib.suppress(Exception):
-            await self.store.transition(job.id, [Status.RUNNING], guard=self._mine(job.attempts), progress=fraction)
+            await lifecycle.apply(self.store, job.id, lifecycle.progress(fraction), guard=self._mine(job.attempts))
 
     # -- outcomes ----------------------------------------------------------------------
-    async def _succeed(self, job: Job, d: Any, result: ToolResult, seconds: float, mine: Any) -> None:
-        from genq.models import FileRef
-
-        if any(getattr(f, "lazy", False) for f in result.files):
-            # Images the tool left to encode (pipelines.ImageFile): in a thread, beside the
-            # slot's next job. A file that cannot be encoded fails the job like the tool would.
+    async def _succeed(self, job: Job, d: Delivery, result: ToolResult, seconds: float, mine: Callable[[Job], bool]) -> None:
+        if any(isinstance(f, LazyFile) for f in result.files):
+            # Images the tool left to encode: in a thread, beside the slot's next job. A
+            # file that cannot be encoded fails the job like the tool would.
             try:
                 await asyncio.to_thread(lambda: [f.data for f in result.files])
             except Exception as e:
-                await self._fail(job, d, getattr(e, "code", "pipeline_error"), f"{type(e).__name__}: {e}"[:500], mine)
+                code = e.code if isinstance(e, ToolError) else "pipeline_error"
+                await self._fail(job, d, code, f"{type(e).__name__}: {e}"[:500], mine)
                 return
 
         async def write() -> Job | None:
@@ -572,94 +539,60 @@ class Worker:
                 await self.blobs.put(key, f.data, f.content_type)
                 etag = hashlib.sha256(f.data).hexdigest()[:32]
                 refs.append(FileRef(name=name, key=key, content_type=f.content_type, size_bytes=len(f.data), etag=etag))
-            now = time.time()
             seed = result.seed if result.seed is not None else job.seed
-            return await self.store.transition(
-                job.id,
-                [Status.RUNNING],
-                guard=mine,
-                status=Status.SUCCEEDED,
-                progress=1.0,
-                completed_at=now,
-                expires_at=now + job.ttl_seconds,
-                results=tuple(refs),
-                result_meta={"seed": seed, "duration_seconds": round(seconds, 4), "metrics": result.metrics or {}},
-                error=None,
-                delivery=None,
-            )
+            meta = {"seed": seed, "duration_seconds": round(seconds, 4), "metrics": result.metrics or {}}
+            change = lifecycle.succeed(job, now=time.time(), results=tuple(refs), meta=meta)
+            return await lifecycle.apply(self.store, job.id, change, guard=mine)
 
         until = job.started_at + job.deadline_seconds if job.deadline_seconds and job.started_at else None
         done = await self._storing(d, until or time.time() + _STORE_RETRY_SECONDS, write)
-        await d.ack()
-        if done is not None:
-            self.metrics.jobs_finished.labels(self.name, "succeeded").inc()
-            sps = (result.metrics or {}).get("steps_per_second")
-            if isinstance(sps, int | float) and sps > 0:
-                self.metrics.steps_per_second.labels(self.name).observe(sps)
-            await self._emit(done)
+        sps = (result.metrics or {}).get("steps_per_second")
+        if done is not None and isinstance(sps, int | float) and sps > 0:
+            self.metrics.steps_per_second.labels(self.name).observe(sps)
+        await self._ended(d, done)
 
-    async def _interrupted(self, job: Job, d: Any, reason: str, mine: Any) -> None:
-        now = time.time()
+    async def _interrupted(self, job: Job, d: Delivery, reason: str, mine: Callable[[Job], bool]) -> None:
         if reason == "shutdown":
             # Handed back whole: a drain is not the job's fault, so the attempt does not
             # count. On the stream's last delivery a nak would never come back (MaxDeliver):
             # then the job goes out as a new message and this one ends.
-            last = getattr(d, "attempt", 0) >= self.spec.max_attempts
-            back = await self.store.transition(
-                job.id, [Status.RUNNING], guard=mine, status=Status.QUEUED, progress=0.0, worker=None, delivery=None,
-                attempts=max(0, job.attempts - 1),
-            )
-            if back is not None and last:
+            back = await lifecycle.apply(self.store, job.id, lifecycle.hand_back(job, refund=True), guard=mine)
+            if back is not None and d.attempt >= self.spec.max_attempts:
                 await self._publish_anew(back, d)
             else:
                 await d.nak(0)
             if back is not None:
-                await self._emit(back)
+                await lifecycle.announce(self.bus, back)
             return
         if reason == "deadline":
-            await self._fail(
-                job, d, "deadline_exceeded",
-                f"The job ran longer than its deadline of {job.deadline_seconds:g} seconds.", mine,
-            )
+            message = f"The job ran longer than its deadline of {job.deadline_seconds:g} seconds."
+            await self._fail(job, d, "deadline_exceeded", message, mine)
             return
-        done = await self.store.transition(
-            job.id, [Status.RUNNING], guard=mine, status=Status.CANCELLED, completed_at=now,
-            expires_at=now + job.ttl_seconds, delivery=None,
-        )
+        done = await lifecycle.apply(self.store, job.id, lifecycle.cancel(job, now=time.time()), guard=mine)
+        await self._ended(d, done)
+
+    async def _fail(self, job: Job, d: Delivery, code: str, message: str, mine: Callable[[Job], bool]) -> None:
+        change = lifecycle.fail(job, now=time.time(), code=code, message=message)
+        await self._ended(d, await lifecycle.apply(self.store, job.id, change, guard=mine))
+
+    async def _ended(self, d: Delivery, done: Job | None) -> None:
+        """The job's end is recorded (``done``; None: another attempt's was): its message goes."""
         await d.ack()
         if done is not None:
-            self.metrics.jobs_finished.labels(self.name, "cancelled").inc()
-            await self._emit(done)
+            self.metrics.jobs_finished.labels(self.name, done.status.value).inc()
+            await lifecycle.announce(self.bus, done)
 
-    async def _fail(self, job: Job, d: Any, code: str, message: str, mine: Any) -> None:
-        now = time.time()
-        done = await self.store.transition(
-            job.id, [Status.RUNNING], guard=mine, status=Status.FAILED, completed_at=now,
-            expires_at=now + job.ttl_seconds, error={"code": code, "message": message}, delivery=None,
-        )
-        await d.ack()
-        if done is not None:
-            self.metrics.jobs_finished.labels(self.name, "failed").inc()
-            await self._emit(done)
-
-    async def _retry_or_fail(self, job: Job, d: Any, code: str, message: str, delay: float | None, mine: Any) -> None:
+    async def _retry_or_fail(
+        self, job: Job, d: Delivery, code: str, message: str, delay: float | None, mine: Callable[[Job], bool]
+    ) -> None:
         if job.attempts >= job.max_attempts:
             await self._fail(job, d, code, f"{message} (gave up after {job.attempts} attempts)", mine)
             return
         delay = delay if delay is not None else backoff(
             job.attempts, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds
         )
-        back = await self.store.transition(
-            job.id, [Status.RUNNING], guard=mine, status=Status.QUEUED, progress=0.0, worker=None, delivery=None,
-            error={"code": code, "message": message},
-        )
+        back = await lifecycle.apply(self.store, job.id, lifecycle.retry(job, code=code, message=message), guard=mine)
         await d.nak(delay)
         if back is not None:
             self.metrics.job_retries.labels(self.name).inc()
-            await self._emit(back)
-
-    async def _emit(self, job: Job) -> None:
-        with contextlib.suppress(Exception):
-            await self.bus.publish(
-                constants.events_subject(job.id), {"type": "status", "id": job.id, "status": job.status.value}
-            )
+            await lifecycle.announce(self.bus, back)

@@ -203,7 +203,7 @@ def worker(
 def operator() -> None:
     """The operator role: retention, deadlines, lost and unpublished jobs; with
     GENQ_STORE=kubernetes also the ToolPool handlers (worker Deployments and scaling)."""
-    from genq.operator.housekeeping import Housekeeper
+    from genq.housekeeping import Housekeeper
 
     s = _settings()
     _logging(s.log_level)

@@ -25,7 +25,7 @@ from genq.adapters.nats_server import EmbeddedNats
 from genq.api import create_app
 from genq.api.auth import generate_key, hash_key
 from genq.models import ApiKey
-from genq.operator.housekeeping import Housekeeper
+from genq.housekeeping import Housekeeper
 from genq.runtime import Runtime, build_runtime
 from genq.settings import Settings
 from genq.tools import Registry
@@ -34,12 +34,10 @@ from genq.worker.worker import Worker
 
 log = logging.getLogger("genq")
 
-#: The cyclic GC's first threshold once the app is built (CPython's default: 700). Its
-#: young collections free nothing in genq's serving loop (a probe counted 0 objects
-#: collected in ~600 passes of a 30 s pollers run) yet each walks the objects of the
-#: requests in flight: 15-25 passes a second, 0.3-0.5 s of the loop's time in 40 s, and
-#: every tenth (generation 1) a 3-17 ms stall. At 10,000 there are ~20 passes in the run,
-#: ~60 ms in all (BENCHMARKS.md §6). Cyclic garbage is still collected, later.
+#: The cyclic GC's first threshold once the app is built (CPython's default: 700). Young
+#: collections free next to nothing in genq's serving loop yet each walks the requests in
+#: flight, stalling the loop (BENCHMARKS.md, "Figures behind the code's defaults").
+#: Cyclic garbage is still collected, later.
 GC_YOUNG_THRESHOLD = 10_000
 #: How long JetStream may leave publishes unanswered on a live connection before the
 #: embedded nats-server is restarted (see :meth:`Embedded._watch_nats`).
@@ -109,7 +107,7 @@ class Embedded:
         assert self.nats is not None and self.rt is not None
         while True:
             await asyncio.sleep(1.0)
-            since = getattr(self.rt.bus, "stalled_since", None)
+            since = self.rt.bus.stalled_since
             if since is None or time.monotonic() - since < NATS_STALL_RESTART_SECONDS:
                 continue
             if shutil.disk_usage(self.nats.store_dir).free < NATS_RESTART_MIN_FREE_BYTES:
@@ -129,9 +127,8 @@ class Embedded:
         assert self.rt is not None
         app = create_app(self.rt)
         # What exists now (imported modules, adapters, tools, the app) lives as long as the
-        # process: out of the cyclic GC's sight, a full collection no longer walks it.
-        # Under 400 status reads a second each full collection stalled the loop for up to
-        # 70 ms (BENCHMARKS.md §6).
+        # process: out of the cyclic GC's sight, a full collection no longer walks it
+        # (each one stalled the loop under load: BENCHMARKS.md §6).
         gc.freeze()
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         return app

@@ -4,10 +4,15 @@ The API, the worker and the housekeeping loop talk only to these protocols. Adap
 SQLite (``genq.adapters.sqlite``), NATS JetStream (``genq.adapters.nats``), a local folder
 (``genq.adapters.localfs``) and S3 (``genq.adapters.s3``); the Kubernetes job store plugs in
 here too, without touching the code that uses it.
+
+What only some adapters can do is declared here too, with a default, and callers use it
+plainly (no probing): ``JobStore.attention``, ``JobStore.note_stream_seq``,
+``Bus.stalled_since``. An adapter inherits the defaults by subclassing the protocol.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -78,7 +83,19 @@ class ToolCounts:
 
 @runtime_checkable
 class JobStore(Protocol):
-    """Where jobs live. Status moves only by compare-and-set (``transition``)."""
+    """Where jobs live. Status moves only by compare-and-set (``transition``), and only
+    through :mod:`genq.lifecycle`, which says what each move writes."""
+
+    #: Set when a job needs housekeeping now (the Kubernetes store: a ``kubectl`` cancel or
+    #: delete seen on its watch), waking the loop before its interval. None: the store
+    #: cannot tell, and housekeeping finds such jobs on its next pass.
+    attention: asyncio.Event | None = None
+
+    def note_stream_seq(self, job_id: str, seq: int) -> bool:
+        """Record, a moment later, where a just-published job sits in the stream, batched
+        with other submits' (SQLite: one commit for many). False (the default): the store
+        does not batch, and the caller writes it with ``update``."""
+        return False
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -165,8 +182,12 @@ class Delivery(Protocol):
     """One delivery of a job message; exactly one of ack/nak/term ends it."""
 
     job_id: str
+    #: 1 for the message's first delivery; JetStream stops after ``max_attempts``.
     attempt: int
     stream_seq: int
+    #: The ack subject: how another process hands the delivery back once its worker is
+    #: known dead (``Bus.nak_subject``); None where there is none.
+    reply: str | None
 
     async def ack(self) -> None: ...
     async def nak(self, delay: float | None = None) -> None: ...
@@ -183,6 +204,12 @@ class Subscription(Protocol):
 @runtime_checkable
 class Bus(Protocol):
     """Job messages (JetStream) and the side channels (core NATS)."""
+
+    #: When the stream first left a publish unanswered on a live connection (None once
+    #: one succeeds, or the owner restarted the server): after a failed write (a full
+    #: disk) nats-server refuses every publish until it restarts; ``genq up`` restarts
+    #: the one it owns. None where the bus cannot tell.
+    stalled_since: float | None = None
 
     async def connect(self) -> None: ...
     async def close(self) -> None: ...

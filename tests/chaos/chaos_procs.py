@@ -2,8 +2,8 @@
 and ``genq worker`` against one data folder and one nats-server (the cluster's shape on one
 machine), each started, killed and stopped by its pid.
 
-``genq up`` as a child is :class:`test_durability.GenqUp`; the environment is
-:func:`test_durability.genq_env` (short timings, this folder's tools on ``PYTHONPATH``).
+``genq up`` as a child is :class:`helpers.GenqUp`; the environment is
+:func:`helpers.genq_env` (short timings, this folder's tools on ``PYTHONPATH``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import yaml
 
 from genq.adapters.nats import NatsBus
 from genq.adapters.nats_server import EmbeddedNats, free_port
-from test_durability import echo_spec, genq_env
+from helpers import echo_spec, eventually, genq_env
 
 ACK_WAIT = 3.0  # genq_env's GENQ_ACK_WAIT_SECONDS: a dead worker's job is redelivered after this
 
@@ -87,18 +87,6 @@ class Proc:
         return self.proc.returncode
 
 
-async def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(interval)
-
-
 class Cluster:
     """nats-server + ``genq api`` + ``genq operator`` on one data folder; workers added
     with :meth:`worker`. Everything is stopped by :meth:`stop`, whatever happened."""
@@ -131,7 +119,7 @@ class Cluster:
             except httpx.HTTPError:
                 return False
 
-        await wait_for(ready, 30, "genq api to be ready")
+        await eventually(ready, 30, "genq api to be ready")
 
     def spawn(self, name: str, args: list[str]) -> Proc:
         p = Proc(self.tmp, name, args, self.env)

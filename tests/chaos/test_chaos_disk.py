@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 
 from chaos_ledger import History, Ledger, Load, check
-from chaos_procs import ACK_WAIT, chaos_tool, wait_for
+from chaos_procs import ACK_WAIT, chaos_tool
 from conftest import ADMIN, data_uri, png_bytes, start_live, stop_live
+from helpers import eventually
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -114,7 +115,7 @@ async def test_disk_full_under_load(small_disk, tmp_path, monkeypatch, rng, faul
 
                 last: list = []
                 try:
-                    await wait_for(submit_works, 30, "a submit to succeed once the disk has room again", 0.2)
+                    await eventually(submit_works, 30, "a submit to succeed once the disk has room again", 0.2)
                 except AssertionError as e:
                     raise AssertionError(f"{e}; the last answer: {last}") from None
                 recovered_in.append(time.monotonic() - t_free)

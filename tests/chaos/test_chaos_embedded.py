@@ -18,10 +18,10 @@ import httpx
 import pytest
 
 from chaos_ledger import History, Ledger, Load, check
-from chaos_procs import ACK_WAIT, backlog, chaos_tool, wait_for, write_config
+from chaos_procs import ACK_WAIT, backlog, chaos_tool, write_config
 from conftest import ADMIN
 from genq.adapters.nats_server import free_port
-from test_durability import GenqUp, alive, nats_servers_for
+from helpers import GenqUp, alive, eventually, nats_servers_for
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -88,7 +88,7 @@ async def test_deadline_and_retention_hold_across_a_pause(up_factory):
         r = await c.post("/v1/jobs", json={"tool": "chaos", "params": {"text": "long", "seed": 2, "sleep": 60}})
         assert r.status_code == 202, r.text
         long_id = r.json()["id"]
-        await wait_for(lambda: _status(c, long_id, "running"), 10, "the long job to start")
+        await eventually(lambda: _status(c, long_id, "running"), 10, "the long job to start")
 
         nats_pid = int((up.data / "nats" / "nats-server.pid").read_text())
         pids = [up.proc.pid, nats_pid]
@@ -102,10 +102,10 @@ async def test_deadline_and_retention_hold_across_a_pause(up_factory):
         async def expired() -> bool:
             return (await c.get(f"/v1/jobs/{short['id']}")).status_code == 404
 
-        await wait_for(expired, 15, "the finished job's retention to be enforced after the pause")
+        await eventually(expired, 15, "the finished job's retention to be enforced after the pause")
         t_expired = time.monotonic() - t_resume
         assert not (up.data / "blobs" / "jobs" / short["id"]).exists(), "the expired job's files are still there"
-        job = await wait_for(lambda: _status(c, long_id, "failed"), 15, "the long job's deadline after the pause")
+        job = await eventually(lambda: _status(c, long_id, "failed"), 15, "the long job's deadline after the pause")
         t_deadline = time.monotonic() - t_resume
         assert job["error"]["code"] == "deadline_exceeded", job
         # It stays failed: no attempt that JetStream redelivered after the pause revives it.

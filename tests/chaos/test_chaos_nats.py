@@ -16,8 +16,9 @@ import httpx
 import pytest
 
 from chaos_ledger import History, Ledger, Load, check
-from chaos_procs import ACK_WAIT, chaos_tool, wait_for
+from chaos_procs import ACK_WAIT, chaos_tool
 from conftest import ADMIN, start_live, stop_live
+from helpers import eventually
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -55,7 +56,7 @@ async def test_nats_killed_and_restarted_under_load(tmp_path, monkeypatch, rng, 
                 async def ready() -> bool:
                     return (await c.get("/readyz")).status_code == 200
 
-                await wait_for(ready, 20, "genq to be ready again after nats-server came back")
+                await eventually(ready, 20, "genq to be ready again after nats-server came back")
                 recovered_in.append(time.monotonic() - t_up)
             await asyncio.sleep(rng.uniform(1.0, 2.0))
         await load.stop()

@@ -14,8 +14,9 @@ import time
 import pytest
 
 from chaos_ledger import History, Ledger, Load, check
-from chaos_procs import ACK_WAIT, Cluster, chaos_tool, wait_for, write_config
+from chaos_procs import ACK_WAIT, Cluster, chaos_tool, write_config
 from conftest import ADMIN
+from helpers import eventually
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -50,7 +51,7 @@ async def test_worker_processes_sigkilled_under_load(tmp_path, rng, faults):
             nonlocal killed
             w = spawn()
             while True:
-                await wait_for(lambda: w.ready_line() or not w.alive(), 60, f"{w.name} to be ready", 0.05)
+                await eventually(lambda: w.ready_line() or not w.alive(), 60, f"{w.name} to be ready", 0.05)
                 await asyncio.sleep(rng.uniform(0.1, 1.5))
                 assert w.alive(), f"{w.name} died by itself:\n{w.log()}"
                 if killed >= kills:

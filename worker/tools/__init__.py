@@ -15,7 +15,7 @@ def build_tool(spec: ToolSpec, *, slots: int = 1, isolation: str | None = None) 
     from genq.worker.tools.isolated import ProcessTool, isolation_of
 
     if (isolation or isolation_of(spec)) == "process":
-        return ProcessTool(spec, slots)  # type: ignore[return-value]
+        return ProcessTool(spec, slots)
     if spec.kind == "python":
         from genq.worker.tools.python import PythonTool
 

@@ -1,13 +1,18 @@
-"""What every tool receives and returns, and the errors it may raise.
+"""What every tool receives and returns, the errors it may raise, and :class:`Tool`,
+the base every runnable tool extends.
 
 A tool gets validated params, its inputs, a progress reporter and a cancellation token,
 and returns result files plus metadata (the seed it used, metrics). Tools run in a worker
 thread; they must call ``cancel.raise_if_cancelled()`` (or check ``cancel.cancelled``)
 often enough that a cancel takes effect within a second.
+
+Neighbours: the worker (:mod:`genq.worker.worker`) calls a tool only through the async
+methods declared here; :func:`genq.worker.tools.build_tool` picks the subclass.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,11 +146,22 @@ class OutputFile:
     data: bytes
 
 
+class LazyFile:
+    """A result file that makes its ``data`` when first read (an image still to encode):
+    the worker reads it in a thread after the tool returns, beside the slot's next job
+    (the diffusers tools' ``pipelines.ImageFile``)."""
+
+    name: str
+    content_type: str
+
+    @property
+    def data(self) -> bytes:
+        raise NotImplementedError
+
+
 @dataclass
 class ToolResult:
-    #: OutputFile, or anything with ``name``, ``content_type`` and ``data``; one with a
-    #: true ``lazy`` attribute makes its ``data`` when first read, and the worker reads it
-    #: in a thread after the tool returns (the diffusers tools' ``pipelines.ImageFile``).
+    #: OutputFile, a :class:`LazyFile`, or anything with ``name``, ``content_type`` and ``data``.
     files: list[Any]
     seed: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -166,12 +182,31 @@ class ToolCall:
     watched: WatchFlag = field(default_factory=WatchFlag)
 
 
-class Tool(Protocol):
-    """A runnable tool. ``load`` is called once per worker (and on ``warm``); ``run`` per
-    job, in a thread. Both may block."""
+class Tool:
+    """A runnable tool. A subclass writes ``load`` (once per worker, and on ``warm``) and
+    ``run`` (per job); both may block, and the worker calls them in a thread through the
+    async defaults below. A tool that is async by nature (one in child processes, an
+    ``async def`` python tool) overrides ``aload``/``arun``/``aclose`` instead (httpx's
+    transports declare their async methods the same way)."""
 
-    def load(self, variant: str | None = None) -> None: ...
-    def run(self, call: ToolCall) -> ToolResult: ...
+    #: A slot may hand the tool its next job while the current one is in its last step
+    #: (the tool queues it and starts it the moment the current one ends).
+    queues_runs: bool = False
+
+    def load(self, variant: str | None = None) -> None:
+        """Load ``variant`` (None: the default one) so the first run is fast."""
+
+    def run(self, call: ToolCall) -> ToolResult:
+        raise NotImplementedError(f"{type(self).__name__} runs only through arun")
+
+    async def aload(self, variant: str | None = None) -> None:
+        await asyncio.to_thread(self.load, variant)
+
+    async def arun(self, call: ToolCall) -> ToolResult:
+        return await asyncio.to_thread(self.run, call)
+
+    async def aclose(self) -> None:
+        """Release what the tool holds (child processes); the worker is stopping."""
 
 
 ToolFactory = Callable[..., Tool]

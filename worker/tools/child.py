@@ -12,7 +12,6 @@ closes (the worker exited, or was killed) the child exits too.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import queue
@@ -24,6 +23,7 @@ import time
 import traceback
 from typing import Any, BinaryIO
 
+from genq.worker.tools.base import CancelToken, InputFile, Progress, Tool, ToolCall, in_last_step
 from genq.worker.tools.isolated import HEADER, PROGRESS_FRAME_INTERVAL, frame
 
 log = logging.getLogger("genq.worker.tools.child")
@@ -71,108 +71,119 @@ def _outcome(e: BaseException) -> dict[str, Any]:
 
 def serve(chan: _Channel) -> None:
     from genq.worker.tools import build_tool
-    from genq.worker.tools.base import CancelToken, InputFile, ToolCall, in_last_step
 
     init = chan.recv()
     if init is None or init.get("op") != "init":
         return
     sys.path[:] = [p for p in init["sys_path"] if p]
-    spec = init["spec"]
     try:
-        tool = build_tool(spec, isolation="thread")
+        tool = build_tool(init["spec"], isolation="thread")
     except BaseException as e:  # a bad entrypoint, a malformed variant: the worker reports it
         chan.send(_outcome(e))
         return
     chan.send({"op": "ready", "pid": os.getpid()})
+    _Server(chan, tool).serve()
 
-    work: queue.Queue[tuple[dict[str, Any], Any] | None] = queue.Queue()
-    tokens: dict[str, CancelToken] = {}
-    #: Jobs sent here that someone watches: every step is reported (see ``progress``).
-    watched: set[str] = set()
-    tokens_lock = threading.Lock()
 
-    def reader() -> None:
+class _Server:
+    """The jobs sent to this child: their cancel tokens, and which someone watches. The
+    reader thread (:meth:`read`) updates them as frames come; the main thread runs the
+    loads and jobs queued in ``work``."""
+
+    def __init__(self, chan: _Channel, tool: Tool):
+        self.chan, self.tool = chan, tool
+        self.work: queue.Queue[tuple[dict[str, Any], CancelToken | None] | None] = queue.Queue()
+        self.tokens: dict[str, CancelToken] = {}
+        #: Jobs sent here that someone watches: every step is reported (see ``_progress``).
+        self.watched: set[str] = set()
+        self.lock = threading.Lock()
+
+    def serve(self) -> None:
+        threading.Thread(target=self.read, name="genq-child-reader", daemon=True).start()
+        while (item := self.work.get()) is not None:
+            msg, token = item
+            if msg["op"] == "load":
+                self.load(msg)
+            elif msg["op"] == "run" and token is not None:
+                self.run(msg, token)
+            else:
+                self.chan.send({"op": "error", "ref": msg.get("ref"), "type": "ProtocolError",
+                                "message": f"unknown op {msg['op']!r}"})
+
+    def read(self) -> None:
         while True:
-            msg = chan.recv()
+            msg = self.chan.recv()
             if msg is None:  # the worker is gone: nobody to report to
                 os._exit(0)
             op = msg.get("op")
             if op == "cancel":
-                with tokens_lock:
-                    token = tokens.get(msg["job_id"])
+                with self.lock:
+                    token = self.tokens.get(msg["job_id"])
                 if token is not None:
                     token.cancel(msg.get("reason") or "cancelled")
             elif op == "watch":
-                with tokens_lock:
-                    if msg["job_id"] in tokens:  # else it ended: nothing to report
-                        watched.add(msg["job_id"])
+                with self.lock:
+                    if msg["job_id"] in self.tokens:  # else it ended: nothing to report
+                        self.watched.add(msg["job_id"])
             elif op == "run":
                 token = CancelToken()
-                with tokens_lock:  # before it queues: a cancel or a watch may follow at once
-                    tokens[msg["job_id"]] = token
+                with self.lock:  # before it queues: a cancel or a watch may follow at once
+                    self.tokens[msg["job_id"]] = token
                     if msg.get("watched"):
-                        watched.add(msg["job_id"])
-                work.put((msg, token))
+                        self.watched.add(msg["job_id"])
+                self.work.put((msg, token))
             elif op == "stop":
-                work.put(None)
+                self.work.put(None)
                 return
             else:
-                work.put((msg, None))
+                self.work.put((msg, None))
 
-    threading.Thread(target=reader, name="genq-child-reader", daemon=True).start()
-    arun = getattr(tool, "arun", None)
-
-    while True:
-        item = work.get()
-        if item is None:
-            return
-        msg, token = item
+    def load(self, msg: dict[str, Any]) -> None:
         ref = msg.get("ref")
-        if msg["op"] == "load":
-            t0 = time.perf_counter()
-            try:
-                tool.load(msg.get("variant"))
-            except BaseException as e:
-                chan.send({**_outcome(e), "ref": ref})
-            else:
-                chan.send({"op": "loaded", "ref": ref, "seconds": time.perf_counter() - t0})
-            continue
-        if msg["op"] != "run":
-            chan.send({"op": "error", "ref": ref, "type": "ProtocolError", "message": f"unknown op {msg['op']!r}"})
-            continue
+        t0 = time.perf_counter()
+        try:
+            self.tool.load(msg.get("variant"))
+        except BaseException as e:
+            self.chan.send({**_outcome(e), "ref": ref})
+        else:
+            self.chan.send({"op": "loaded", "ref": ref, "seconds": time.perf_counter() - t0})
+
+    def run(self, msg: dict[str, Any], token: CancelToken) -> None:
         ref = msg["job_id"]
-
-        last_sent = [time.monotonic()]
-
-        def progress(fraction: float, step: int | None = None, steps: int | None = None, ref: str = ref,
-                     last_sent: list[float] = last_sent) -> None:
-            # Every step while watched; else the last step's (the worker hands the next job
-            # over on it), the end's, and one a PROGRESS_FRAME_INTERVAL (the store's figure).
-            now = time.monotonic()
-            if (ref in watched or in_last_step(step, steps) or fraction >= 1.0
-                    or now - last_sent[0] >= PROGRESS_FRAME_INTERVAL):
-                last_sent[0] = now
-                chan.send({"op": "progress", "ref": ref, "args": (float(fraction), step, steps)})
-
         call = ToolCall(
-            job_id=msg["job_id"], variant=msg["variant"], params=msg["params"],
-            inputs=[InputFile(*f) for f in msg["inputs"]], seed=msg["seed"], progress=progress, cancel=token,
+            job_id=ref, variant=msg["variant"], params=msg["params"], inputs=[InputFile(*f) for f in msg["inputs"]],
+            seed=msg["seed"], progress=self._progress(ref), cancel=token,
         )
         try:
             token.raise_if_cancelled()
-            result = asyncio.run(arun(call)) if arun is not None else tool.run(call)
+            result = self.tool.run(call)
             if token.cancelled:
-                chan.send({"op": "cancelled", "ref": ref, "reason": token.reason or "cancelled"})
+                self.chan.send({"op": "cancelled", "ref": ref, "reason": token.reason or "cancelled"})
             else:
                 # Files as they are: an ImageFile crosses raw and is encoded by the worker.
-                chan.send({"op": "result", "ref": ref, "files": list(result.files), "seed": result.seed,
-                           "metrics": result.metrics})
+                self.chan.send({"op": "result", "ref": ref, "files": list(result.files), "seed": result.seed,
+                                "metrics": result.metrics})
         except BaseException as e:
-            chan.send({**_outcome(e), "ref": ref})
+            self.chan.send({**_outcome(e), "ref": ref})
         finally:
-            with tokens_lock:
-                tokens.pop(msg["job_id"], None)
-                watched.discard(msg["job_id"])
+            with self.lock:
+                self.tokens.pop(ref, None)
+                self.watched.discard(ref)
+
+    def _progress(self, ref: str) -> Progress:
+        last_sent = time.monotonic()
+
+        def progress(fraction: float, step: int | None = None, steps: int | None = None) -> None:
+            # Every step while watched; else the last step's (the worker hands the next job
+            # over on it), the end's, and one a PROGRESS_FRAME_INTERVAL (the store's figure).
+            nonlocal last_sent
+            now = time.monotonic()
+            if (ref in self.watched or in_last_step(step, steps) or fraction >= 1.0
+                    or now - last_sent >= PROGRESS_FRAME_INTERVAL):
+                last_sent = now
+                self.chan.send({"op": "progress", "ref": ref, "args": (float(fraction), step, steps)})
+
+        return progress
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ Params (schema in :data:`genq.tools.BUILTIN_PARAMS`): ``instruction``, ``negativ
 runs), ``seed``, ``true_cfg_scale``, ``steps``, ``output_format``; 1 image (1–3 for a Plus
 model). The result is ``result.png`` with the generation parameters in its metadata.
 
-Options (``spec.options``) beyond :class:`.pipelines.Runtime`'s, each with the reason for
+Options (``spec.options``) beyond :class:`.pipelines.PipelineOptions`'s, each with the reason for
 its default:
 
 * ``outputSize`` (``model``): ``model`` gives the pipeline's own size (about 1 MP at the
@@ -50,7 +50,7 @@ from typing import Any
 from genq.tools import ToolSpec
 
 from . import pipelines
-from .base import ToolCall, ToolError, ToolResult
+from .base import Tool, ToolCall, ToolError, ToolResult
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,12 @@ class _Loaded:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class ImageEditTool:
+class ImageEditTool(Tool):
     """Edit 1–3 images by an instruction; see the module docstring."""
 
     def __init__(self, spec: ToolSpec):
         self.spec = spec
-        self.runtime = pipelines.Runtime.from_options(spec.options)
+        self.pipeline_options = pipelines.PipelineOptions.from_options(spec.options)
         self.output_size = str(spec.options.get("outputSize", "model"))
         if self.output_size not in ("model", "input"):
             raise ValueError("imageEdit options.outputSize must be 'model' or 'input'")
@@ -124,7 +124,7 @@ class ImageEditTool:
                 loaded.schedulers[v.name] = type(base).from_config(base.config, **v.scheduler) if v.scheduler else base
             if v.lora is not None and not loaded.adapters.has(v.name):
                 with loaded.lock:  # never while a job runs on this pipeline
-                    loaded.adapters.ensure(v.name, v.lora, self.runtime)
+                    loaded.adapters.ensure(v.name, v.lora, self.pipeline_options)
         return loaded, v
 
     def _load(self) -> _Loaded:
@@ -133,14 +133,14 @@ class ImageEditTool:
         if not self.spec.model:
             raise ToolError(f"tool {self.spec.name} has no model: set `model` to a Qwen-Image-Edit folder or id")
         t0 = time.perf_counter()
-        pipe = pipelines.load_pipeline(DiffusionPipeline, self.spec.model, self.runtime)
+        pipe = pipelines.load_pipeline(DiffusionPipeline, self.spec.model, self.pipeline_options)
         kind = type(pipe).__name__
         if kind not in EDIT_PIPELINES:
             raise ToolError(f"model {self.spec.model} is a {kind}; imageEdit needs one of {', '.join(EDIT_PIPELINES)}")
         pipelines.install_cancel_hooks(pipe.transformer, pipe.vae.encoder, pipe.vae.decoder)
         seconds = time.perf_counter() - t0
         log.info("%s: loaded %s (%s) in %.2fs on %s/%s", self.spec.name, self.spec.model, kind, seconds,
-                 self.runtime.device, self.runtime.dtype)
+                 self.pipeline_options.device, self.pipeline_options.dtype)
         return _Loaded(
             pipe=pipe,
             adapters=pipelines.Adapters(pipe),
@@ -155,7 +155,7 @@ class ImageEditTool:
     def run(self, call: ToolCall) -> ToolResult:
         variant = call.variant or self.spec.default_variant
         m, v = self._ensure(variant)
-        self.runtime.apply_threads()  # per run: the thread count is per OS thread (see Runtime)
+        self.pipeline_options.apply_threads()  # per run: the thread count is per OS thread (see PipelineOptions)
         n = len(call.inputs)
         if n < 1 or n > MAX_IMAGES:
             raise ToolError(f"image edit takes 1 to {MAX_IMAGES} images, got {n}", code="invalid_input")
@@ -195,7 +195,7 @@ class ImageEditTool:
                 m.pipe.scheduler = m.schedulers[v.name]
             m.adapters.activate(v.name if v.lora is not None else None)
             t0 = time.perf_counter()
-            with pipelines.running(call.cancel, self.runtime):
+            with pipelines.running(call.cancel, self.pipeline_options):
                 out = m.pipe(**kwargs).images[0]
             seconds = time.perf_counter() - t0
         finally:
@@ -209,7 +209,7 @@ class ImageEditTool:
         }
         files = pipelines.output_files([out], p.get("output_format", "png"), [meta], instruction, stem="result", numbered=False)
         metrics = {
-            "pipeline": type(m.pipe).__name__, "device": self.runtime.device, "dtype": self.runtime.dtype,
+            "pipeline": type(m.pipe).__name__, "device": self.pipeline_options.device, "dtype": self.pipeline_options.dtype,
             "width": out.width, "height": out.height, "steps": reporter.done, "true_cfg_scale": cfg,
             "lora": v.lora is not None, "pipeline_seconds": round(seconds, 4),
             "steps_per_second": round(reporter.done / seconds, 3) if seconds else None,

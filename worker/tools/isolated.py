@@ -1,43 +1,30 @@
 """Tools in their own processes: one child process per worker slot.
 
-``options.isolation`` of a tool: ``process`` (the default of the diffusers kinds,
-``textToImage`` and ``imageEdit``) or ``thread`` (the default of ``upscale``, whose
-Real-ESRGAN and Lanczos backends spend their time in a few large native calls that
-release the GIL, and of ``python``, whose callables are often tiny and whose ``async
-def`` ones want the worker's loop).
+``options.isolation``: ``process`` (the default of the diffusers kinds) or ``thread``
+(the default of ``upscale``, whose backends spend their time in native calls that release
+the GIL, and of ``python``, whose callables are often tiny).
 
 Why a process: a diffusers pipeline on CPU, or on a GPU with a small model, is mostly
-Python (tens of thousands of small ops a job). In the worker's own process it shares one
-GIL with the event loop (HTTP in the embedded mode, NATS, status writes, a progress event
-every step), and each side slows the other (BENCHMARKS.md §4). In a child it has a core
-and an interpreter to itself. And a crash is contained: a segfault, a CUDA error or an
-out-of-memory kill ends the child, not the worker; the job is retried and the slot gets a
-fresh child. A tool that ignores its cancel token is stopped by killing its child
-``cancelGraceSeconds`` (default 10) after the cancel.
+Python; in the worker's process it shares one GIL with the event loop and each side slows
+the other (BENCHMARKS.md §4). A child has an interpreter to itself, and a crash (a
+segfault, a CUDA error, an out-of-memory kill) ends the child, not the worker. A tool that
+ignores its cancel token is killed ``cancelGraceSeconds`` (default 10) after the cancel.
+The cost: each slot holds its own copy of the model; ``isolation: thread`` shares one.
 
-The cost: each slot loads its own copy of the model (``concurrencyPerWorker: 2`` holds
-the weights twice), and inputs and results cross a local socket (a few ms for a 10 MB
-PNG). Use ``isolation: thread`` to share one model between a worker's slots.
+Between two jobs, the slot sends the next job while the current one is in its last step
+(``base.in_last_step``), and the child starts it the moment the current one ends; results
+cross raw (``pipelines.ImageFile``) and the worker encodes them. Progress frames cost the
+worker a wakeup each: every step only while the job is watched, else at most one a
+``PROGRESS_FRAME_INTERVAL`` plus the last step's and the end's.
 
-Between two jobs: once a job begins its last step (``base.in_last_step``: one step and
-the decode left), its slot claims the next job and sends it to the same child, which
-starts it the moment the last one ends; the results cross raw (``pipelines.ImageFile``)
-and the worker encodes them beside the next job's compute.
+Protocol: length-prefixed pickle frames over a socketpair (both ends are genq's code).
+The parent sends ``init`` (the ToolSpec), then ``load``/``run``/``watch``/``cancel``/``stop``;
+the child answers ``ready``, then ``loaded``, ``progress``… and one terminal frame per
+run, each naming what it answers, in the order it ran them.
 
-Progress: a run's ``progress`` frames cost the worker a wakeup each. The child sends every
-step only while the job is watched (``ToolCall.watched``: an SSE stream is open on it;
-``run`` says so, and a ``watch`` frame says so mid-run); otherwise at most one a
-``PROGRESS_FRAME_INTERVAL``, plus the last step's (the worker hands the next job over on
-it) and the end's.
-
-Protocol: length-prefixed pickle frames over a socketpair; the parent speaks first
-(``init`` with the ToolSpec), then ``load``/``run``/``watch``/``cancel``/``stop``; the child answers
-``ready``, then ``loaded``, ``progress``… and one terminal frame per run, each naming the
-job (or load) it answers, in the order it ran them. Both ends are genq's own code, so
-pickle is fine. The child is :mod:`genq.worker.tools.child`.
-
-Neighbours: built by :func:`genq.worker.tools.build_tool`; the worker calls ``aload``,
-``arun`` and ``aclose`` (it prefers them to the in-process ``load``/``run``).
+Neighbours: built by :func:`genq.worker.tools.build_tool`; the worker calls the
+:class:`~genq.worker.tools.base.Tool` methods ``aload``, ``arun`` and ``aclose``, which
+this class overrides; the child is :mod:`genq.worker.tools.child`.
 """
 
 from __future__ import annotations
@@ -53,7 +40,7 @@ import sys
 from typing import Any
 
 from genq.tools import ToolSpec
-from genq.worker.tools.base import Cancelled, Retry, ToolCall, ToolError, ToolResult, in_last_step
+from genq.worker.tools.base import Cancelled, Retry, Tool, ToolCall, ToolError, ToolResult, in_last_step
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +302,7 @@ def _error_from(msg: dict[str, Any]) -> Exception:
     return ToolError(text[:500], retryable=True)
 
 
-class ProcessTool:
+class ProcessTool(Tool):
     """A tool whose ``load``/``run`` happen in child processes, one per slot."""
 
     #: A slot may send its next job while the last one is in its final phase (decode,

@@ -6,14 +6,14 @@ and :mod:`.sd_upscale` build on it; :mod:`.base` defines what they receive and r
 
 What lives here:
 
-* :class:`Runtime` — the device, dtype and thread settings of a tool (``spec.options``).
+* :class:`PipelineOptions` — the device, dtype and thread settings of a tool (``spec.options``).
 * :func:`load_pipeline` — ``from_pretrained`` of a local folder, an ``s3://`` folder
   (copied once into a cache folder) or a Hugging Face id.
 * :class:`StepReporter` — the per-step callback: progress for every step, the cancel
   token checked at every step *and* before every block of the denoiser and VAE decoder,
   so a cancel frees the worker within one block, not one whole step.
 * :func:`running` — the scope a pipeline call runs in: the job's cancel token, and
-  ``torch.inference_mode`` (see :class:`Runtime`).
+  ``torch.inference_mode`` (see :class:`PipelineOptions`).
 * :class:`Adapters` — variant LoRAs, loaded once each and switched with ``set_adapters``
   (switching a variant never reloads the base model).
 * :data:`SAMPLERS` / :class:`Schedulers` — ``sampler`` names to diffusers schedulers.
@@ -42,7 +42,7 @@ from typing import Any
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from .base import CancelToken, ToolCall, ToolError
+from .base import CancelToken, LazyFile, ToolCall, ToolError
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,11 @@ def _torch():
     return torch
 
 
-# -- runtime settings ---------------------------------------------------------------------
+# -- pipeline options ---------------------------------------------------------------------
 
 
 @dataclass
-class Runtime:
+class PipelineOptions:
     """Where and how a tool's pipeline runs, from ``spec.options``.
 
     * ``device`` (``cpu``): torch device; ``auto`` picks CUDA when available. ``cpu`` is
@@ -127,7 +127,7 @@ class Runtime:
     inference_mode: bool = True
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> Runtime:
+    def from_options(cls, options: dict[str, Any]) -> PipelineOptions:
         dtype = str(options.get("dtype", "float32")).lower()
         if dtype not in DTYPES:
             raise ValueError(f"options.dtype must be one of {', '.join(sorted(set(DTYPES.values())))}, not {dtype!r}")
@@ -171,7 +171,7 @@ def default_cache_dir() -> Path:
 _S3_RE = re.compile(r"^s3://([^/]+)/?(.*)$")
 
 
-def resolve_model(ref: str, runtime: Runtime) -> str:
+def resolve_model(ref: str, options: PipelineOptions) -> str:
     """What ``from_pretrained`` gets for ``ref``: a local folder as is, an ``s3://bucket/prefix``
     copied once into the cache folder (reused while every object's ETag matches), or a
     Hugging Face id as is (downloaded and cached by huggingface_hub)."""
@@ -183,10 +183,10 @@ def resolve_model(ref: str, runtime: Runtime) -> str:
                 raise ToolError(f"model folder {ref} has no model_index.json (a diffusers pipeline folder is expected)")
             return str(path)
         return ref
-    return str(_fetch_s3(m.group(1), m.group(2).rstrip("/"), runtime))
+    return str(_fetch_s3(m.group(1), m.group(2).rstrip("/"), options))
 
 
-def _fetch_s3(bucket: str, prefix: str, runtime: Runtime) -> Path:
+def _fetch_s3(bucket: str, prefix: str, options: PipelineOptions) -> Path:
     import boto3  # brought in by aioboto3
 
     client = boto3.client("s3", endpoint_url=os.environ.get("GENQ_S3_ENDPOINT_URL") or None)
@@ -196,7 +196,7 @@ def _fetch_s3(bucket: str, prefix: str, runtime: Runtime) -> Path:
     if not objects:
         raise ToolError(f"s3://{bucket}/{prefix} holds no objects")
     digest = hashlib.sha256(json.dumps(sorted((o["Key"], o.get("ETag", "")) for o in objects)).encode()).hexdigest()
-    root = Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir()
+    root = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
     out = root / "s3" / bucket / (prefix or "_") / digest[:16]
     if (out / ".complete").is_file():
         return out
@@ -224,16 +224,16 @@ def quiet_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_pipeline(loader: Any, model: str, runtime: Runtime, **kwargs: Any) -> Any:
-    """``loader.from_pretrained(model)`` on ``runtime``'s device and dtype, progress bars off."""
+def load_pipeline(loader: Any, model: str, options: PipelineOptions, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(model)`` on ``options``'s device and dtype, progress bars off."""
     quiet_progress_bars()
-    runtime.apply_threads()
-    source = resolve_model(model, runtime)
-    extra: dict[str, Any] = {"dtype": runtime.torch_dtype(), **kwargs}
-    if runtime.revision:
-        extra["revision"] = runtime.revision
-    if runtime.model_variant:
-        extra["variant"] = runtime.model_variant
+    options.apply_threads()
+    source = resolve_model(model, options)
+    extra: dict[str, Any] = {"dtype": options.torch_dtype(), **kwargs}
+    if options.revision:
+        extra["revision"] = options.revision
+    if options.model_variant:
+        extra["variant"] = options.model_variant
     with LOAD_LOCK:
         try:
             pipe = loader.from_pretrained(source, **extra)
@@ -241,10 +241,10 @@ def load_pipeline(loader: Any, model: str, runtime: Runtime, **kwargs: Any) -> A
             raise
         except (OSError, ValueError) as exc:
             raise ToolError(f"cannot load model {model}: {exc}"[:500]) from exc
-        if runtime.cpu_offload:
-            pipe.enable_model_cpu_offload(device=runtime.torch_device())
+        if options.cpu_offload:
+            pipe.enable_model_cpu_offload(device=options.torch_device())
         else:
-            pipe.to(runtime.torch_device())
+            pipe.to(options.torch_device())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -322,12 +322,12 @@ def cancel_scope(token: CancelToken) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def running(token: CancelToken, runtime: Runtime) -> Iterator[None]:
+def running(token: CancelToken, options: PipelineOptions) -> Iterator[None]:
     """The scope of one pipeline call: ``token`` is the one the block cancel checks test,
-    and the call runs in ``torch.inference_mode`` unless ``runtime`` turns it off (see
-    :class:`Runtime`: ``inferenceMode``, ``cpuOffload``)."""
+    and the call runs in ``torch.inference_mode`` unless ``options`` turns it off (see
+    :class:`PipelineOptions`: ``inferenceMode``, ``cpuOffload``)."""
     with cancel_scope(token):
-        if runtime.inference_mode and not runtime.cpu_offload:
+        if options.inference_mode and not options.cpu_offload:
             with _torch().inference_mode():
                 yield
         else:
@@ -453,13 +453,13 @@ class Adapters:
     def has(self, variant: str) -> bool:
         return self.adapter_name(variant) in self.loaded
 
-    def ensure(self, variant: str, ref: LoraRef, runtime: Runtime) -> None:
+    def ensure(self, variant: str, ref: LoraRef, options: PipelineOptions) -> None:
         name = self.adapter_name(variant)
         if name in self.loaded:
             return
         source = ref.source
         if _S3_RE.match(source):
-            source = str(_fetch_s3(*_S3_RE.match(source).groups(), runtime))  # type: ignore[union-attr]
+            source = str(_fetch_s3(*_S3_RE.match(source).groups(), options))  # type: ignore[union-attr]
         kwargs: dict[str, Any] = {"adapter_name": name}
         if ref.weight_name:
             kwargs["weight_name"] = ref.weight_name
@@ -556,14 +556,12 @@ def encode_image(image: Image.Image, fmt: str, meta: dict[str, Any], prompt: str
     return buf.getvalue(), content_type, ext
 
 
-class ImageFile:
+class ImageFile(LazyFile):
     """A result image, encoded (PNG/WEBP/JPEG with its metadata) when ``data`` is first
     read. The tool returns it as soon as the pipeline is done; the worker reads ``data``
     in a thread while the slot's next job already computes, so the encode (tens of ms for
     a megapixel PNG) is off the tool's path, and, with ``isolation: process``, off the
     tool's process: what crosses the socket is the raw image. Same bytes either way."""
-
-    lazy = True
 
     def __init__(self, name: str, image: Image.Image, fmt: str, meta: dict[str, Any], prompt: str = ""):
         if fmt not in FORMATS:
@@ -594,7 +592,7 @@ def output_files(
 
 
 __all__ = [
-    "Adapters", "FORMATS", "ImageFile", "LOAD_LOCK", "LoraRef", "Runtime", "SAMPLERS", "Schedulers", "StepReporter",
+    "Adapters", "FORMATS", "ImageFile", "LOAD_LOCK", "LoraRef", "PipelineOptions", "SAMPLERS", "Schedulers", "StepReporter",
     "accepted_kwargs", "acquire", "cancel_scope", "decode_image", "encode_image", "generators",
     "install_cancel_hooks", "load_pipeline", "lora_ref", "output_files", "resolve_model", "running", "seed_for",
 ]

@@ -10,12 +10,13 @@ worker's event loop.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 from typing import Any
 
 from genq.tools import ToolSpec
-from genq.worker.tools.base import OutputFile, ToolCall, ToolError, ToolResult
+from genq.worker.tools.base import OutputFile, Tool, ToolCall, ToolError, ToolResult
 
 
 def resolve(entrypoint: str) -> Any:
@@ -42,21 +43,24 @@ def to_result(value: Any, call: ToolCall) -> ToolResult:
     raise ToolError(f"the tool returned {type(value).__name__}; expected ToolResult, list of OutputFile or dict")
 
 
-class PythonTool:
+class PythonTool(Tool):
     def __init__(self, spec: ToolSpec):
         self.spec = spec
         self.fn = resolve(spec.tool.entrypoint or "")
         self.is_async = inspect.iscoroutinefunction(self.fn)
-        if self.is_async:
-            self.arun = self._arun
 
     def load(self, variant: str | None = None) -> None:
-        loader = getattr(self.fn, "load", None)
+        loader = getattr(self.fn, "load", None)  # the user's callable may bring a loader
         if callable(loader):
             loader(variant)
 
     def run(self, call: ToolCall) -> ToolResult:
+        """In a thread (or a child process's): an ``async def`` callable gets its own loop."""
+        if self.is_async:
+            return asyncio.run(self.arun(call))
         return to_result(self.fn(call.params, call.inputs, call.progress, call.cancel), call)
 
-    async def _arun(self, call: ToolCall) -> ToolResult:
-        return to_result(await self.fn(call.params, call.inputs, call.progress, call.cancel), call)
+    async def arun(self, call: ToolCall) -> ToolResult:
+        if self.is_async:  # on the worker's event loop
+            return to_result(await self.fn(call.params, call.inputs, call.progress, call.cancel), call)
+        return await super().arun(call)

@@ -23,7 +23,7 @@ Variant fields, each with the reason for its default:
 The model upscales x4; for x2 and x3 its output is resized down with Lanczos. Input
 sides are padded (reflected) to a multiple of the UNet's downsampling and the padding is
 cut off the result. Tool options ``device``/``dtype``/``threads`` apply (see
-:class:`.pipelines.Runtime`); ``sdMaxInputPixels`` (512 x 512) refuses larger inputs — the
+:class:`.pipelines.PipelineOptions`); ``sdMaxInputPixels`` (512 x 512) refuses larger inputs — the
 x4 upscaler's attention is quadratic in the input's area, and 512² already needs a large
 GPU.
 """
@@ -52,7 +52,7 @@ class SDUpscaler:
 
     def __init__(self, model: str, options: dict[str, Any], extra: dict[str, Any]):
         self.model = model
-        self.runtime = pipelines.Runtime.from_options(options)
+        self.pipeline_options = pipelines.PipelineOptions.from_options(options)
         self.max_input_pixels = int(options.get("sdMaxInputPixels", DEFAULT_MAX_INPUT_PIXELS))
         self.prompt = str(extra.get("prompt", ""))
         self.steps = int(extra.get("steps", DEFAULT_STEPS))
@@ -63,7 +63,7 @@ class SDUpscaler:
         t0 = time.perf_counter()
         from diffusers import StableDiffusionUpscalePipeline
 
-        self.pipe = pipelines.load_pipeline(StableDiffusionUpscalePipeline, model, self.runtime)
+        self.pipe = pipelines.load_pipeline(StableDiffusionUpscalePipeline, model, self.pipeline_options)
         unet = self.pipe.unet
         self.multiple = 2 ** (len(unet.config.block_out_channels) - 1)
         pipelines.install_cancel_hooks(unet, self.pipe.vae.decoder)
@@ -78,7 +78,7 @@ class SDUpscaler:
             )
 
     def upscale(self, rgb: Image.Image, scale: int, call: ToolCall) -> tuple[Image.Image, dict[str, Any]]:
-        self.runtime.apply_threads()  # per run: the thread count is per OS thread (see Runtime)
+        self.pipeline_options.apply_threads()  # per run: the thread count is per OS thread (see PipelineOptions)
         self.check_size(rgb.width, rgb.height)
         w, h = rgb.size
         pw, ph = -w % self.multiple, -h % self.multiple
@@ -101,7 +101,7 @@ class SDUpscaler:
         pipelines.acquire(self._lock, call.cancel)
         try:
             t0 = time.perf_counter()
-            with pipelines.running(call.cancel, self.runtime):
+            with pipelines.running(call.cancel, self.pipeline_options):
                 out = self.pipe(**kwargs).images[0]
             seconds = time.perf_counter() - t0
         finally:
@@ -113,7 +113,7 @@ class SDUpscaler:
             "backend": "diffusers", "pipeline": type(self.pipe).__name__, "model_scale": 4, "steps": reporter.done,
             "steps_per_second": round(reporter.done / seconds, 3) if seconds else None,
             "pipeline_seconds": round(seconds, 4), "model_load_seconds": self.load_seconds,
-            "device": self.runtime.device, "dtype": self.runtime.dtype,
+            "device": self.pipeline_options.device, "dtype": self.pipeline_options.dtype,
         }
         return out, metrics
 

@@ -19,7 +19,7 @@ cell, 8 for Stable Diffusion, 16 for SD3/Flux), ``steps``, ``cfg_scale``, ``samp
 :data:`.pipelines.SAMPLERS`), ``seed`` (image *i* uses ``seed + i - 1``), ``num_images``
 1–4 (files ``image-1.png`` …), ``output_format`` (``png`` default, ``webp``, ``jpeg``).
 
-Options (``spec.options``) beyond :class:`.pipelines.Runtime`'s: ``maxPixels``
+Options (``spec.options``) beyond :class:`.pipelines.PipelineOptions`'s: ``maxPixels``
 (2048 x 2048): larger requests are refused with ``invalid_input`` — past that a
 single image rarely fits a GPU and takes minutes; ``sizeMultiple`` (from the model):
 override the width/height multiple.
@@ -37,7 +37,7 @@ from typing import Any
 from genq.tools import ToolSpec
 
 from . import pipelines
-from .base import ToolCall, ToolError, ToolResult
+from .base import Tool, ToolCall, ToolError, ToolResult
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,12 @@ def _default_size(pipe: Any) -> tuple[int, int]:
     return side, side
 
 
-class TextToImageTool:
+class TextToImageTool(Tool):
     """Text to 1–4 images; see the module docstring for variants, params and options."""
 
     def __init__(self, spec: ToolSpec):
         self.spec = spec
-        self.runtime = pipelines.Runtime.from_options(spec.options)
+        self.pipeline_options = pipelines.PipelineOptions.from_options(spec.options)
         self.max_pixels = int(spec.options.get("maxPixels", DEFAULT_MAX_PIXELS))
         self.size_multiple = spec.options.get("sizeMultiple")
         self._models: dict[str, _Loaded] = {}
@@ -115,20 +115,20 @@ class TextToImageTool:
             lora = pipelines.lora_ref(self._extra(variant))
             if lora is not None and not loaded.adapters.has(variant):
                 with loaded.lock:  # never while a job runs on this pipeline
-                    loaded.adapters.ensure(variant, lora, self.runtime)
+                    loaded.adapters.ensure(variant, lora, self.pipeline_options)
             return loaded
 
     def _load(self, ref: str) -> _Loaded:
         from diffusers import AutoPipelineForText2Image
 
         t0 = time.perf_counter()
-        pipe = pipelines.load_pipeline(AutoPipelineForText2Image, ref, self.runtime)
+        pipe = pipelines.load_pipeline(AutoPipelineForText2Image, ref, self.pipeline_options)
         denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
         vae = getattr(pipe, "vae", None)
         pipelines.install_cancel_hooks(denoiser, getattr(vae, "decoder", None))
         seconds = time.perf_counter() - t0
         log.info("%s: loaded %s (%s) in %.2fs on %s/%s", self.spec.name, ref, type(pipe).__name__, seconds,
-                 self.runtime.device, self.runtime.dtype)
+                 self.pipeline_options.device, self.pipeline_options.dtype)
         return _Loaded(
             pipe=pipe,
             schedulers=pipelines.Schedulers(pipe.scheduler),
@@ -147,7 +147,7 @@ class TextToImageTool:
         variant = call.variant or self.spec.default_variant
         extra = self._extra(variant)
         m = self._ensure(variant)
-        self.runtime.apply_threads()  # per run: the thread count is per OS thread (see Runtime)
+        self.pipeline_options.apply_threads()  # per run: the thread count is per OS thread (see PipelineOptions)
         p = call.params
         prompt = p["prompt"]
         width = int(p.get("width") or m.default_size[0])
@@ -193,7 +193,7 @@ class TextToImageTool:
                 m.pipe.scheduler = scheduler
             m.adapters.activate(variant)
             t0 = time.perf_counter()
-            with pipelines.running(call.cancel, self.runtime):
+            with pipelines.running(call.cancel, self.pipeline_options):
                 images = m.pipe(**kwargs).images
             seconds = time.perf_counter() - t0
         finally:
@@ -213,7 +213,7 @@ class TextToImageTool:
         ]
         files = pipelines.output_files(images, p.get("output_format", "png"), metas, prompt)
         metrics = {
-            "pipeline": type(m.pipe).__name__, "device": self.runtime.device, "dtype": self.runtime.dtype,
+            "pipeline": type(m.pipe).__name__, "device": self.pipeline_options.device, "dtype": self.pipeline_options.dtype,
             "width": width, "height": height, "steps": reporter.done, "sampler": sampler, "num_images": count,
             "pipeline_seconds": round(seconds, 4), "steps_per_second": round(reporter.done / seconds, 3) if seconds else None,
             "model_load_seconds": m.load_seconds,

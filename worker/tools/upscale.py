@@ -53,7 +53,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from genq.tools import ToolSpec
 
 from . import ncnn_convert
-from .base import CancelToken, OutputFile, ToolCall, ToolError, ToolResult
+from .base import CancelToken, OutputFile, Tool, ToolCall, ToolError, ToolResult
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def _check_cancel(_module: Any, _inputs: Any) -> None:
         token.raise_if_cancelled()
 
 
-class UpscaleTool:
+class UpscaleTool(Tool):
     """Upscale one image by 2, 3 or 4; see the module docstring for variants and options."""
 
     def __init__(self, spec: ToolSpec):

@@ -39,7 +39,7 @@ from sortedcontainers import SortedList
 
 from genq.cursor import decode_cursor, encode_cursor
 from genq.models import MUTABLE_FIELDS, ApiKey, FileRef, Job, Priority, Status, cas_allows
-from genq.ports import JobFilter, Page, PortError, StorageFull, ToolCounts, Unavailable
+from genq.ports import JobFilter, JobStore, Page, PortError, StorageFull, ToolCounts, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class _QueueIndex:
             run.discard(job_id)
 
 
-class SQLiteStore:
+class SQLiteStore(JobStore):
     """Jobs, keys, idempotency records and worker liveness in one SQLite file."""
 
     def __init__(self, path: Path, *, checkpoint_interval: float | None = CHECKPOINT_INTERVAL):
@@ -619,7 +619,7 @@ class SQLiteStore:
         return self._note(await self._write_grouped(
             _cas, job_id, expect, version, guard, requeue, changes, self._recent.get(job_id)))
 
-    def note_stream_seq(self, job_id: str, seq: int) -> None:
+    def note_stream_seq(self, job_id: str, seq: int) -> bool:
         """Record where a just-published, still queued job sits in the stream, a moment
         later: the positions noted within ``NOTE_DELAY`` go in one transaction, where an
         ``update(stream_seq=...)`` per submit was a commit of its own (a fifth of the store's
@@ -630,6 +630,7 @@ class SQLiteStore:
         self._notes[job_id] = seq
         if self._notes_task is None:
             self._notes_task = asyncio.get_running_loop().create_task(self._notes_after(NOTE_DELAY))
+        return True
 
     async def _notes_after(self, delay: float) -> None:
         await asyncio.sleep(delay)

@@ -41,7 +41,7 @@ from genq.adapters.kubernetes.cache import JobCache, Watch
 from genq.adapters.kubernetes.client import Kube
 from genq.cursor import decode_cursor, encode_cursor
 from genq.models import MUTABLE_FIELDS, Job, Status, cas_allows, rfc3339
-from genq.ports import JobFilter, Page, ToolCounts, Unavailable
+from genq.ports import JobFilter, JobStore, Page, ToolCounts, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ _NOT_FOUND, _CONFLICT = 404, 409
 _MERGE = "application/merge-patch+json"
 
 
-class KubernetesStore:
+class KubernetesStore(JobStore):
     """Jobs as GenerationJobs, idempotency records as ConfigMaps, workers as Leases."""
 
     def __init__(

@@ -8,6 +8,11 @@ decision by compare-and-set, and tells workers (cancel) and storage (delete) abo
 Beside the due jobs, each pass checks a few of the longest-queued jobs against the stream
 (:meth:`Housekeeper.check_stream`): a queued job whose message is gone from JetStream
 (a purged stream, a restored store) is published again, so no queued job waits forever.
+
+Neighbours: runs beside the API and the workers in every mode, with no operator in
+``genq up`` (:mod:`genq.embedded`) and under the operator's leader election in a cluster
+(``genq operator``); talks to the ports of a :class:`genq.runtime.Runtime` and moves
+jobs only through :mod:`genq.lifecycle`.
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ import enum
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
 
-from genq import constants
+from genq import constants, lifecycle
 from genq.models import Job, Status
+from genq.ports import JobFilter
 from genq.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -48,7 +53,7 @@ def decide(job: Job, now: float, *, heartbeat_stale: float, unpublished_grace: f
     if not job.active and not job.terminal:
         return Action.CANCEL
     if job.terminal:
-        return Action.EXPIRE if job.expires_at is not None and job.expires_at <= now else Action.NONE
+        return Action.EXPIRE if lifecycle.expired(job, now) else Action.NONE
     if job.status is Status.RUNNING:
         if job.deadline_seconds and job.started_at is not None and job.started_at + job.deadline_seconds + deadline_grace <= now:
             return Action.DEADLINE
@@ -93,7 +98,7 @@ class Housekeeper:
     async def run(self) -> None:
         # A store that knows when a job needs attention now (the Kubernetes store: a
         # kubectl cancel or delete seen on its watch) wakes the loop before the interval.
-        wake: asyncio.Event | None = getattr(self.rt.store, "attention", None)
+        wake = self.rt.store.attention
         advisories = asyncio.create_task(self.watch_max_deliveries(), name="housekeeping-max-deliveries")
         try:
             await self._loop(wake)
@@ -112,7 +117,7 @@ class Housekeeper:
         its deadline. The server's advisory names that message (it fires when the last
         delivery's ack wait ran out: no worker is heartbeating it): the job goes out as a
         new message, which a worker takes as the redelivery it replaces."""
-        subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{constants.JOBS_STREAM}.*"
+        subject = f"{constants.MAX_DELIVERIES_ADVISORY}.{constants.JOBS_STREAM}.*"
         while not self._stop.is_set():
             try:
                 sub = await self.rt.bus.subscribe(subject)
@@ -142,8 +147,8 @@ class Housekeeper:
         # the job is one whose message is gone, which the stream check republishes.
         with contextlib.suppress(Exception):
             await rt.bus.delete_message(stream_seq)
-        seq = await rt.bus.publish_job(job.tool, job.priority.value, job.id, f"{job.id}.{job.seq}.{stream_seq}")
-        if await rt.store.transition(job.id, [job.status], version=job.version, stream_seq=seq) is None:
+        seq = await rt.bus.publish_job(job.tool, job.priority.value, job.id, lifecycle.dedupe_id(job, stream_seq))
+        if await lifecycle.apply(rt.store, job.id, lifecycle.republished(job, seq), version=job.version) is None:
             return False
         log.warning("job %s: its stream message %s reached its delivery limit unclaimed; republished as %s",
                     job.id, stream_seq, seq)
@@ -218,8 +223,6 @@ class Housekeeper:
         jobs (their worker stopped heartbeating). A message is the job's only if it names
         the job: after a power cut the stream can hand a lost message's sequence to a new
         one. Returns how many it republished."""
-        from genq.ports import JobFilter
-
         page = await self.rt.store.list(JobFilter(status=Status.QUEUED), limit=self.stream_checks * 4,
                                         cursor=self._stream_cursor, order="asc")
         self._stream_cursor = page.next_cursor
@@ -236,8 +239,10 @@ class Housekeeper:
             if await self.rt.bus.message_job_id(job.stream_seq) == job.id:
                 continue
             # Dedupe by job and lost message: two housekeepers republish it once.
-            seq = await self.rt.bus.publish_job(job.tool, job.priority.value, job.id, f"{job.id}.{job.seq}.{job.stream_seq}")
-            if await self.rt.store.transition(job.id, [job.status], version=job.version, stream_seq=seq) is not None:
+            seq = await self.rt.bus.publish_job(job.tool, job.priority.value, job.id,
+                                                lifecycle.dedupe_id(job, job.stream_seq))
+            if await lifecycle.apply(self.rt.store, job.id, lifecycle.republished(job, seq),
+                                     version=job.version) is not None:
                 log.warning("job %s was %s but its stream message %s was gone; republished as %s",
                             job.id, job.status.value, job.stream_seq, seq)
                 await self.rt.store.record_event(job, Action.REPUBLISH.value,
@@ -264,55 +269,36 @@ class Housekeeper:
             return True
         if action in (Action.DEADLINE, Action.LOST):
             if action is Action.DEADLINE:
-                error = {"code": "deadline_exceeded",
-                         "message": f"The job ran longer than its deadline of {job.deadline_seconds:g} seconds."}
+                change = lifecycle.fail(job, now=now, code="deadline_exceeded",
+                                        message=f"The job ran longer than its deadline of {job.deadline_seconds:g} seconds.")
             else:
-                error = {"code": "worker_lost",
-                         "message": f"The worker running this job stopped responding, {job.attempts} of {job.max_attempts} attempts used."}
-            failed = await rt.store.transition(
-                job.id, [Status.RUNNING], version=job.version, status=Status.FAILED, completed_at=now,
-                expires_at=now + job.ttl_seconds, error=error, delivery=None,
-            )
+                change = lifecycle.fail(job, now=now, code="worker_lost", message=(
+                    f"The worker running this job stopped responding, {job.attempts} of {job.max_attempts} attempts used."))
+            failed = await lifecycle.apply(rt.store, job.id, change, version=job.version)
             if failed is None:
                 return False
-            await self._notify(job, failed.status.value, reason="deadline" if action is Action.DEADLINE else "lost")
+            await lifecycle.announce(rt.bus, failed, stop="deadline" if action is Action.DEADLINE else "lost")
             if job.stream_seq is not None:
                 await rt.bus.remove(job.stream_seq)
             rt.metrics.jobs_finished.labels(job.tool, "failed").inc()
             return True
         if action is Action.REPUBLISH:
-            seq = await rt.bus.publish_job(job.tool, job.priority.value, job.id, f"{job.id}.{job.seq}")
+            seq = await rt.bus.publish_job(job.tool, job.priority.value, job.id, lifecycle.dedupe_id(job))
             return await rt.store.update(job.id, version=job.version, stream_seq=seq) is not None
         return False
 
     async def _cancel(self, job: Job, now: float, message: str) -> Job | None:
-        """Cancel a queued or running job as ``DELETE /v1/jobs/{id}`` does: by
-        compare-and-set, then the stream message goes and a running worker stops."""
-        done = await self.rt.store.transition(
-            job.id, [Status.QUEUED, Status.RUNNING], version=job.version, status=Status.CANCELLED, completed_at=now,
-            expires_at=now + job.ttl_seconds, error={"code": "cancelled", "message": message}, delivery=None,
-        )
-        if done is None:
-            return None
-        if job.status is Status.QUEUED and job.stream_seq is not None:
-            with contextlib.suppress(Exception):
-                await self.rt.bus.remove(job.stream_seq)
-        await self._notify(job, done.status.value, reason="cancelled")
-        self.rt.metrics.jobs_finished.labels(job.tool, "cancelled").inc()
+        """Cancel a queued or running job as ``DELETE /v1/jobs/{id}`` does."""
+        done = await lifecycle.cancel_job(self.rt.store, self.rt.bus, job, now=now, message=message, version=job.version)
+        if done is not None:
+            self.rt.metrics.jobs_finished.labels(job.tool, "cancelled").inc()
         return done
-
-    async def _notify(self, job: Job, status: str, *, reason: str) -> None:
-        with contextlib.suppress(Exception):
-            await self.rt.bus.publish(constants.cancel_subject(job.id), {"id": job.id, "reason": reason})
-            await self.rt.bus.publish(constants.events_subject(job.id), {"type": "status", "id": job.id, "status": status})
 
     async def recover_orphans(self, live_worker_ids: set[str]) -> int:
         """After a restart of the embedded process: hand back at once every job that a
         worker of the previous process was running (JetStream would wait ``ack_wait``)."""
         n = 0
-        page_cursor: Any = None
-        from genq.ports import JobFilter
-
+        page_cursor: str | None = None
         while True:
             page = await self.rt.store.list(JobFilter(status=Status.RUNNING), limit=500, cursor=page_cursor, order="asc")
             for job in page.jobs:
@@ -323,11 +309,12 @@ class Housekeeper:
                     # handed back it would stay queued forever. It ends as a lost job does.
                     n += await self._apply(job, Action.LOST, time.time())
                     continue
-                back = await self.rt.store.transition(
-                    job.id, [Status.RUNNING], version=job.version, status=Status.QUEUED, progress=0.0, worker=None,
-                    delivery=None,
-                )
-                if back is not None and job.delivery:
+                back = await lifecycle.apply(self.rt.store, job.id, lifecycle.hand_back(job, refund=False),
+                                             version=job.version)
+                if back is None:
+                    continue
+                await lifecycle.announce(self.rt.bus, back)
+                if job.delivery:
                     with contextlib.suppress(Exception):
                         await self.rt.bus.nak_subject(job.delivery)
                     n += 1
