@@ -28,7 +28,7 @@ from genq.api.auth import Principal
 from genq.api.errors import ApiError, not_found
 from genq.api.schemas import job_public
 from genq.models import FileRef, Job, Priority, Status
-from genq.ports import JobStore, Unavailable
+from genq.ports import Unavailable
 from genq.runtime import Runtime
 from genq.tools import ParamsError, ToolSpec, coerce_form_params, validate_params
 
