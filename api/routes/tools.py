@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import Depends
 from fastapi.responses import JSONResponse
 
 from genq import constants
@@ -15,8 +15,9 @@ from genq.api.errors import ApiError, not_found
 from genq.api.schemas import WarmRequest
 from genq.api.service import JobService
 from genq.tools import ToolSpec
+from genq.api import routing
 
-router = APIRouter(prefix="/v1/tools", tags=["tools"])
+router = routing.router(prefix="/v1/tools", tags=["tools"])
 
 
 def describe(spec: ToolSpec, svc: JobService) -> dict[str, Any]:

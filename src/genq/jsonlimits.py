@@ -1,0 +1,179 @@
+"""The one way genq reads JSON a client sent: ``loads`` with limits, decided before parsing.
+
+Python's ``json`` recurses once per nesting level, so a 10 KB body nested 5,000 deep
+raised ``RecursionError`` (a 500 and a traceback per request); it also accepts ``NaN`` and
+``Infinity`` (not JSON, and they later broke the response), duplicate keys (which one
+wins is up to the parser), lone UTF-16 surrogates (a string no UTF-8 store can hold) and
+100,000-item objects (memory and time on every layer after). ``loads`` refuses each with
+``JsonRejected``, a ``ValueError`` the API answers as 400 ``invalid_input``. Depth and
+item count come first, from a scan of the raw text that never recurses (a C-speed
+regular expression that drops strings and scalars, then bracket pairs peeled level by
+level), so a hostile body costs microseconds and ``json.loads`` only ever sees a shallow
+document.
+
+Every body, form field or query value genq parses as JSON goes through here: the JSON
+and multipart submits (``genq.api.routes.jobs``, its direct path included), every FastAPI
+route body (``genq.api.routing``), and JSON-typed form params (``genq.tools``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+#: Deepest nesting accepted (arrays and objects, the outer one counts): a submit's own
+#: object and its ``params`` take two, leaving 30 for a tool's params, far more than any
+#: tool's schema uses, and shallow enough for every recursive step after parsing.
+MAX_DEPTH = 32
+#: Most items (array elements plus object members, all levels together) in one document:
+#: a job's params are a handful of fields, and images are one string each.
+MAX_ITEMS = 10_000
+#: Longest integer literal: Python's own limit on int parsing (``sys.int_info``).
+MAX_INT_DIGITS = 4300
+
+
+class JsonRejected(ValueError):
+    """The text is not JSON genq accepts; ``message`` is one sentence for the client."""
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+
+
+class JsonLimitExceeded(JsonRejected):
+    """Valid JSON, maybe, but over one of the documented limits (depth, items, digits)."""
+
+
+#: Anything but brackets (commas are counted before this is applied).
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def outside_strings(text: str) -> str:
+    """``text`` with every JSON string taken out (an unterminated one runs to the end).
+
+    Escaped backslashes, then escaped quotes, are removed first (left to right, as a JSON
+    reader pairs them), so every quote left delimits a string; splitting at them puts the
+    strings at the odd places. All of it runs in C, whatever the strings hold (a 20 MB
+    base64 image is one piece, never looked at)."""
+    if "\\" in text:
+        text = text.replace("\\\\", "").replace('\\"', "")
+    return "".join(text.split('"')[0::2])
+
+
+def check_structure(text: str, *, max_depth: int = MAX_DEPTH, max_items: int = MAX_ITEMS,
+                    field: str | None = None) -> None:
+    """Refuse ``text`` when its nesting or item count is over the limits, without parsing.
+
+    With the strings taken out, commas and brackets are counted (items), then only the
+    brackets are kept. Each pass of ``replace("[]", "")`` removes the innermost level, so
+    a pair still there after ``max_depth`` passes is nested deeper than that; leftovers
+    that do not pair up are not JSON. Cost: a few passes of C over the text."""
+    rest = outside_strings(text)
+    skeleton = _NOT_BRACKET.sub("", rest).replace("{", "[").replace("}", "]")
+    if "[" * (max_depth + 1) in skeleton:  # the common attack, found at once
+        raise _too_deep(max_depth, field)
+    if rest.count(",") + len(skeleton) // 2 > max_items:  # commas and non-empty containers
+        raise JsonLimitExceeded(f"The JSON has more than {max_items} items; at most {max_items} are accepted.",
+                                _details(field, max_items=max_items))
+    for _ in range(max_depth):
+        if not skeleton:
+            return
+        peeled = skeleton.replace("[]", "")
+        if len(peeled) == len(skeleton):
+            raise JsonRejected("The body is not valid JSON: its brackets do not match.", _details(field))
+        skeleton = peeled
+    if "[]" in skeleton:
+        raise _too_deep(max_depth, field)
+    if skeleton:
+        raise JsonRejected("The body is not valid JSON: its brackets do not match.", _details(field))
+
+
+def loads(raw: bytes | str, *, field: str | None = None, max_depth: int = MAX_DEPTH,
+          max_items: int = MAX_ITEMS) -> Any:
+    """``json.loads`` for text from a client: UTF-8 only, limits checked before parsing,
+    and no ``NaN``/``Infinity``, out-of-range floats, over-long integers, duplicate keys
+    or lone surrogates. Raises ``JsonRejected`` (a ``ValueError``); ``field`` names the
+    form field or part in its details."""
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        try:
+            text = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise JsonRejected("The body is not valid UTF-8 (JSON must be UTF-8).", _details(field, position=e.start)) from None
+    else:
+        text = raw
+    check_structure(text, max_depth=max_depth, max_items=max_items, field=field)
+    try:
+        value = json.loads(text, parse_constant=_constant, parse_float=_float, parse_int=_int,
+                           object_pairs_hook=_object)
+    except JsonRejected as e:
+        if field:
+            e.details.setdefault("field", field)
+        raise
+    except json.JSONDecodeError as e:
+        raise JsonRejected(f"The body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno}).",
+                           _details(field, position=e.pos)) from None
+    except (ValueError, RecursionError) as e:  # not expected after the checks; still the client's input
+        raise JsonRejected("The body is not valid JSON.", _details(field)) from e
+    if (not text.isascii() or "\\u" in text) and _has_lone_surrogate(value):
+        raise JsonRejected("The JSON holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text.", _details(field))
+    return value
+
+
+def _details(field: str | None, **more: Any) -> dict[str, Any]:
+    return {"field": field, **more} if field else more
+
+
+def _too_deep(max_depth: int, field: str | None) -> JsonLimitExceeded:
+    return JsonLimitExceeded(f"The JSON is nested more than {max_depth} levels deep; at most {max_depth} are accepted.",
+                             _details(field, max_depth=max_depth))
+
+
+def _constant(name: str) -> Any:
+    raise JsonRejected(f"{name} is not a JSON number.")
+
+
+def _float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v):
+        raise JsonRejected(f"The number {s[:40]}{'...' if len(s) > 40 else ''} is out of range.")
+    return v
+
+
+def _int(s: str) -> int:
+    if len(s.lstrip("-")) > MAX_INT_DIGITS:
+        raise JsonLimitExceeded(f"An integer has more than {MAX_INT_DIGITS} digits.", {"max_digits": MAX_INT_DIGITS})
+    return int(s)
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise JsonRejected(f"The key {dup[:60]!r} appears twice in one object.", {"key": dup[:60]})
+    return obj
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Any string (key or value) that UTF-8 cannot hold (``\\ud800`` parses to one). At most
+    ``MAX_ITEMS`` values to visit, and ``isascii`` answers for an ASCII string (a base64
+    image) at once."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if v.isascii():
+                continue
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
