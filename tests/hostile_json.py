@@ -3,11 +3,12 @@ and tests/test_k8s_hostile_json.py against ``genq api`` on a real kube-apiserver
 
 ``requests()`` is a hypothesis strategy of whole requests: a JSON document, built as raw
 bytes so anything can be wrong in it — nesting thousands deep (arrays, objects, mixed,
-unclosed), 100,000 keys or elements, megabyte strings, 5,000-digit integers, ``1e400``,
-``NaN``/``Infinity``, duplicate keys, invalid UTF-8 (stray bytes, overlong forms, encoded
-surrogates), lone ``\\ud800`` escapes — placed where each endpoint reads JSON: the whole
-body, a submit's ``params``/``inputs``/``tool``/``wait``, a key's ``name``, a warm's
-``seconds``, the multipart ``params`` field, a plain form field, a JSON-typed form param.
+unclosed), 100,000 keys or elements, megabyte strings, 5,000-digit integers and integers
+past 64 bits, ``1e400``, ``NaN``/``Infinity``, duplicate keys, invalid UTF-8 (stray bytes,
+overlong forms, encoded surrogates), lone ``\\ud800`` escapes — placed where each endpoint
+reads JSON: the whole body, a submit's ``params``/``inputs``/``tool``/``wait``, a key's
+``name``, a warm's ``seconds``, the multipart ``params`` field, a plain form field, a
+JSON-typed form param.
 A document that carries one of the poisons is marked ``must_refuse``: genq answers it 4xx.
 
 ``Fuzzer.send`` checks each answer: never a 5xx, a 4xx is the SPEC error body, within
@@ -53,12 +54,14 @@ def _join(docs, open_: bytes, close: bytes) -> Doc:
 # -- scalars ---------------------------------------------------------------------------
 POISON_SCALARS = [
     (b"NaN", "nan"), (b"Infinity", "nan"), (b"-Infinity", "nan"), (b"1e400", "range"), (b"-2e999", "range"),
-    (b"1" + b"0" * 5000, "digits"), (b"-" + b"9" * 4400, "digits"),
+    (b"1" + b"0" * 5000, "digits"), (b"-" + b"9" * 4400, "digits"), (b"1" + b"0" * 400, "range"),
+    (b"9223372036854775808", "range"), (b"-" + b"9" * 30, "range"), (b"1" + b"0" * 400 + b".5", "range"),
     (b'"\\ud800"', "surrogate"), (b'"\\udfff\\ud800"', "surrogate"), (b'"a\\uDBFFb"', "surrogate"),
     (b'"\xff"', "utf8"), (b'"\xc0\xaf"', "utf8"), (b'"\xed\xa0\x80"', "utf8"), (b'"\xe2\x82"', "utf8"),
     (b"nan", "syntax"), (b"'single'", "syntax"), (b"01", "syntax"), (b'"unterminated', "syntax"),
 ]
-PLAIN_SCALARS = [b"0", b"-1", b"1.5", b"1e308", b"1e-400", b"4294967296", b"true", b"false", b"null", b'""',
+PLAIN_SCALARS = [b"0", b"-1", b"1.5", b"1e308", b"1e-400", b"4294967296", b"9223372036854775807", b"-9223372036854775808",
+                 b"1" + b"0" * 300 + b".5", b"0." + b"1" * 5000, b"true", b"false", b"null", b'""',
                  b'"echo"', b'"upscale"', b'"lanczos"', b'"high"', b'"\\ud83d\\ude00"', b'"[[[{{{"', b'"\\"]]]"',
                  b'"\\\\"', b'"' + b"x" * 1_000_000 + b'"', b'"' + "é".encode() * 70_000 + b'"']
 

@@ -24,7 +24,8 @@ def nested(depth: int, inner: str = "1") -> str:
     '{"s": "' + "[" * 1000 + '"}',  # brackets in a string are text
     '{"s": "\\"' + "{" * 1000 + '\\\\"}',  # escaped quotes and backslashes do not end it early
     json.dumps({"emoji": "😀", "escaped": "\\ud83d\\ude00"}), '{"k": "\\ud83d\\ude00"}',
-    json.dumps(list(range(MAX_ITEMS - 1))), "1e308", "-0", str(10 ** 4000), '"' + "x" * 100_000 + '"',
+    json.dumps(list(range(MAX_ITEMS - 1))), "1e308", "-0", str(2**63 - 1), str(-(2**63)), "1" + "0" * 300 + ".5",
+    "0." + "1" * 5000, '"' + "x" * 100_000 + '"',
 ])
 def test_accepted(text):
     assert loads(text) == json.loads(text)
@@ -39,7 +40,8 @@ def test_accepted(text):
     ("[[]," * 40 + "1" + "]" * 40, "nested more than 32"),  # depth without a run of opens
     (json.dumps({f"k{i}": i for i in range(100_000)}), f"more than {MAX_ITEMS} items"),
     ("[" + "[]," * MAX_ITEMS + "1]", f"more than {MAX_ITEMS} items"),
-    ("1" + "0" * 5000, "more than 4300 digits"),
+    ("1" + "0" * 5000, "does not fit 64 bits"),  # never given to int(): Python's own limit is 4,300 digits
+    (str(2**63), "does not fit 64 bits"), ("[-" + "9" * 30 + "]", "does not fit 64 bits"),
 ])
 def test_over_a_limit(text, words):
     with pytest.raises(JsonLimitExceeded) as e:

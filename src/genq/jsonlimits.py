@@ -30,8 +30,10 @@ MAX_DEPTH = 32
 #: Most items (array elements plus object members, all levels together) in one document:
 #: a job's params are a handful of fields, and images are one string each.
 MAX_ITEMS = 10_000
-#: Longest integer literal: Python's own limit on int parsing (``sys.int_info``).
-MAX_INT_DIGITS = 4300
+#: Integers must fit 64 bits, signed: a job's params become a Kubernetes object, whose
+#: decoder refuses a larger one (the apiserver answered 400 and genq a 500), and most
+#: clients cannot hold one either. Floats must be finite.
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 
 
 class JsonRejected(ValueError):
@@ -44,11 +46,14 @@ class JsonRejected(ValueError):
 
 
 class JsonLimitExceeded(JsonRejected):
-    """Valid JSON, maybe, but over one of the documented limits (depth, items, digits)."""
+    """Valid JSON, maybe, but over one of the documented limits (depth, items, integer range)."""
 
 
 #: Anything but brackets (commas are counted before this is applied).
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+#: Outside strings, a number that may be out of range (19 digits or more, a 3-digit
+#: exponent): only then does each number go through a Python-level check.
+_MAYBE_OUT_OF_RANGE = re.compile(r"\d{19}|[eE][+-]?\d{3}")
 
 
 def outside_strings(text: str) -> str:
@@ -71,16 +76,23 @@ def check_structure(text: str, *, max_depth: int = MAX_DEPTH, max_items: int = M
     brackets are kept. Each pass of ``replace("[]", "")`` removes the innermost level, so
     a pair still there after ``max_depth`` passes is nested deeper than that; leftovers
     that do not pair up are not JSON. Cost: a few passes of C over the text."""
+    _structure(text, max_depth, max_items, field)
+
+
+def _structure(text: str, max_depth: int, max_items: int, field: str | None) -> str:
+    """``check_structure``; returns the text outside strings for the number checks."""
     rest = outside_strings(text)
+    if "[" * (max_depth + 1) in rest:  # the common attack, found before any other pass
+        raise _too_deep(max_depth, field)
     skeleton = _NOT_BRACKET.sub("", rest).replace("{", "[").replace("}", "]")
-    if "[" * (max_depth + 1) in skeleton:  # the common attack, found at once
+    if "[" * (max_depth + 1) in skeleton:  # objects too, once their keys are gone
         raise _too_deep(max_depth, field)
     if rest.count(",") + len(skeleton) // 2 > max_items:  # commas and non-empty containers
         raise JsonLimitExceeded(f"The JSON has more than {max_items} items; at most {max_items} are accepted.",
                                 _details(field, max_items=max_items))
     for _ in range(max_depth):
         if not skeleton:
-            return
+            return rest
         peeled = skeleton.replace("[]", "")
         if len(peeled) == len(skeleton):
             raise JsonRejected("The body is not valid JSON: its brackets do not match.", _details(field))
@@ -89,12 +101,13 @@ def check_structure(text: str, *, max_depth: int = MAX_DEPTH, max_items: int = M
         raise _too_deep(max_depth, field)
     if skeleton:
         raise JsonRejected("The body is not valid JSON: its brackets do not match.", _details(field))
+    return rest
 
 
 def loads(raw: bytes | str, *, field: str | None = None, max_depth: int = MAX_DEPTH,
           max_items: int = MAX_ITEMS) -> Any:
     """``json.loads`` for text from a client: UTF-8 only, limits checked before parsing,
-    and no ``NaN``/``Infinity``, out-of-range floats, over-long integers, duplicate keys
+    and no ``NaN``/``Infinity``, infinite floats, integers past 64 bits, duplicate keys
     or lone surrogates. Raises ``JsonRejected`` (a ``ValueError``); ``field`` names the
     form field or part in its details."""
     if isinstance(raw, (bytes, bytearray, memoryview)):
@@ -104,10 +117,12 @@ def loads(raw: bytes | str, *, field: str | None = None, max_depth: int = MAX_DE
             raise JsonRejected("The body is not valid UTF-8 (JSON must be UTF-8).", _details(field, position=e.start)) from None
     else:
         text = raw
-    check_structure(text, max_depth=max_depth, max_items=max_items, field=field)
+    rest = _structure(text, max_depth, max_items, field)
     try:
-        value = json.loads(text, parse_constant=_constant, parse_float=_float, parse_int=_int,
-                           object_pairs_hook=_object)
+        if _MAYBE_OUT_OF_RANGE.search(rest):
+            value = json.loads(text, parse_constant=_constant, parse_float=_float, parse_int=_int, object_pairs_hook=_object)
+        else:
+            value = json.loads(text, parse_constant=_constant, object_pairs_hook=_object)
     except JsonRejected as e:
         if field:
             e.details.setdefault("field", field)
@@ -143,8 +158,9 @@ def _float(s: str) -> float:
 
 
 def _int(s: str) -> int:
-    if len(s.lstrip("-")) > MAX_INT_DIGITS:
-        raise JsonLimitExceeded(f"An integer has more than {MAX_INT_DIGITS} digits.", {"max_digits": MAX_INT_DIGITS})
+    if len(s) > 20 or not INT_MIN <= int(s) <= INT_MAX:  # a long literal is never int()-ed
+        raise JsonLimitExceeded(f"The integer {s[:40]}{'...' if len(s) > 40 else ''} does not fit 64 bits.",
+                                {"min": INT_MIN, "max": INT_MAX})
     return int(s)
 
 

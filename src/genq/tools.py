@@ -254,7 +254,10 @@ def _coerce(key: str, value: str, types: list[str]) -> Any:
     for t in types:
         try:
             if t == "integer":
-                return int(value)
+                integer = int(value)
+                if jsonlimits.INT_MIN <= integer <= jsonlimits.INT_MAX:  # what every store can hold
+                    return integer
+                continue
             if t == "number":
                 number = float(value)
                 if math.isfinite(number):  # "nan" and "inf" parse, but are not JSON numbers
