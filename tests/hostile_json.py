@@ -12,8 +12,8 @@ JSON-typed form param.
 A document that carries one of the poisons is marked ``must_refuse``: genq answers it 4xx.
 
 ``Fuzzer.send`` checks each answer: never a 5xx, a 4xx is the SPEC error body, within
-``FAST_SECONDS`` (resent once if not, so a scheduler hiccup on a busy CI box is told apart
-from a slow path: the resend must be fast too).
+``FAST_SECONDS`` (resent up to ``RESENDS`` times if not, so a scheduler hiccup on a busy
+CI box is told apart from a slow path, which is slow every time).
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ MAX_DEPTH = 32
 MAX_ITEMS = 10_000
 #: The answer to a hostile request must come within this long.
 FAST_SECONDS = 0.100
+#: Times a slow request is sent again before it counts as slow: on a CI box shared by
+#: several jobs the server can wait that long for a core now and then; a slow code path
+#: is slow every time.
+RESENDS = 2
 
 
 @dataclass
@@ -228,9 +232,11 @@ class Fuzzer:
         s = self.stats
         try:
             r, took = self._once(req)
-            if took > FAST_SECONDS:
+            for _ in range(RESENDS):
+                if took <= FAST_SECONDS:
+                    break
                 s.resent += 1
-                r, took = self._once(req)  # the same request again: a slow path is slow twice
+                r, took = self._once(req)  # the same request again: a slow path is slow every time
         except httpx.HTTPError as e:
             s.problems.append(f"no answer ({e!r}): {req.describe()}")
             return None
@@ -247,7 +253,7 @@ class Fuzzer:
         elif req.must_refuse:
             s.problems.append(f"{r.status_code} accepted a {req.poison} body: {r.text[:200]} <- {req.describe()}")
         if took > FAST_SECONDS:
-            s.problems.append(f"{took * 1000:.0f} ms (twice over {FAST_SECONDS * 1000:.0f} ms): {req.describe()}")
+            s.problems.append(f"{took * 1000:.0f} ms ({RESENDS + 1} times over {FAST_SECONDS * 1000:.0f} ms): {req.describe()}")
         return r
 
     def fuzz(self, examples: int, fuzz_seed: int = 0) -> None:
@@ -342,7 +348,7 @@ SHAPE_TOOL = {
 # -- the checks both suites run (embedded and cluster) ----------------------------------
 def report(name: str, fuzzer: Fuzzer, elapsed: float, rss: tuple[int, int]) -> None:
     s = fuzzer.stats
-    print(f"\n{name}: {sum(s.requests.values())} requests in {elapsed:.1f}s, {s.resent} resent once for time")
+    print(f"\n{name}: {sum(s.requests.values())} requests in {elapsed:.1f}s, {s.resent} resent for time")
     for family, n in sorted(s.requests.items()):
         took, what = s.slowest.get(family, (0.0, ""))
         print(f"  {family:16s} {n:5d} requests, slowest refusal {took * 1000:6.1f} ms ({what})")
