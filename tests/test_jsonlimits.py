@@ -8,6 +8,8 @@ import time
 
 import pytest
 from fastapi.routing import APIRoute
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import ADMIN, tools_config
 from genq import jsonlimits
@@ -167,3 +169,64 @@ async def test_params_are_bounded_as_json_whichever_way_they_come(live):
             assert body["error"]["details"] == {"field": "params", "max_bytes": 64 * 1024}
         r = await c.post("/v1/jobs", json={"tool": "echo", "params": {"k": "x" * 60_000}})
         assert r.status_code == 202, r.text
+
+
+def reference_skeleton(text: str) -> str:
+    """The brackets and commas outside strings, by a plain character-by-character reader."""
+    out, in_string, escaped = [], False, False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[]{},":
+            out.append(ch)
+    return "".join(out)
+
+
+def depth(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(depth, value), default=0)
+    return 0
+
+
+TRICKY_TEXT = st.text(alphabet=st.sampled_from(list('[]{},:"\\/ab\n\u00e9\u20ac😀')), max_size=12)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    | TRICKY_TEXT,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(TRICKY_TEXT, children, max_size=4),
+    max_leaves=40)
+
+
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@given(value=JSON_VALUES, ascii_only=st.booleans(), indent=st.sampled_from([None, 1]))
+def test_the_skeleton_and_the_verdict_match_a_plain_reader(value, ascii_only, indent):
+    """Strings full of quotes, backslashes and brackets, in every encoding json.dumps makes:
+    the fast skeleton is what a character-by-character reader sees, and the document is
+    accepted exactly when it is within the depth limit."""
+    text = json.dumps(value, ensure_ascii=ascii_only, indent=indent)
+    assert jsonlimits.skeleton(text.encode()).decode() == reference_skeleton(text)
+    if depth(value) <= MAX_DEPTH:
+        assert loads(text) == value
+    else:
+        with pytest.raises(JsonLimitExceeded):
+            loads(text)
+
+
+@settings(max_examples=100, deadline=None, database=None, derandomize=True)
+@given(inner=JSON_VALUES, levels=st.integers(MAX_DEPTH - 3, MAX_DEPTH + 3), kind=st.sampled_from(["[", '{"k":']))
+def test_depth_is_counted_exactly_around_any_value(inner, levels, kind):
+    close = "]" if kind == "[" else "}"
+    text = kind * levels + json.dumps(inner) + close * levels
+    if levels + depth(inner) <= MAX_DEPTH:
+        loads(text)
+    else:
+        with pytest.raises(JsonLimitExceeded):
+            loads(text)
