@@ -5,7 +5,7 @@ FastAPI parses a route's JSON body with a plain ``json.loads`` (``Request.json``
 turns anything it raises into a vague 400. This class parses the body first, with
 genq's limits, so a refusal is the SPEC's 400 ``invalid_input`` naming the limit, and
 hands FastAPI the parsed value. A new router made with ``router()`` gets it; the test
-``test_every_route_parses_json_with_genq_limits`` checks that no route is left out.
+``test_every_route_reads_json_bodies_through_genq_limits`` checks that no route is left out.
 """
 
 from __future__ import annotations

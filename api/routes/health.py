@@ -9,8 +9,8 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from genq.api.errors import body
 from genq.api import routing
+from genq.api.errors import body
 
 router = routing.router(tags=["health"])
 

@@ -7,12 +7,12 @@ from typing import Any
 from fastapi import Depends, Request, Response
 from ulid import ULID
 
+from genq.api import routing
 from genq.api.auth import Principal, generate_key, hash_key
 from genq.api.deps import admin
 from genq.api.errors import not_found
 from genq.api.schemas import KeyCreate, KeyCreated, KeyPublic, iso
 from genq.models import ApiKey
-from genq.api import routing
 
 router = routing.router(prefix="/v1/keys", tags=["keys"])
 

@@ -6,13 +6,13 @@ from typing import Any
 
 from fastapi import Depends
 
+from genq.api import routing
 from genq.api.auth import Principal
 from genq.api.deps import principal, service
 from genq.api.errors import not_found
 from genq.api.schemas import QueueStats
 from genq.api.service import JobService
 from genq.tools import ToolSpec
-from genq.api import routing
 
 router = routing.router(prefix="/v1/queues", tags=["queues"])
 

@@ -9,13 +9,13 @@ from fastapi import Depends
 from fastapi.responses import JSONResponse
 
 from genq import constants
+from genq.api import routing
 from genq.api.auth import Principal
 from genq.api.deps import admin, principal, service
 from genq.api.errors import ApiError, not_found
 from genq.api.schemas import WarmRequest
 from genq.api.service import JobService
 from genq.tools import ToolSpec
-from genq.api import routing
 
 router = routing.router(prefix="/v1/tools", tags=["tools"])
 

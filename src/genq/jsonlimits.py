@@ -91,12 +91,12 @@ def check_structure(data: bytes, *, max_depth: int = MAX_DEPTH, max_items: int =
             return
         peeled = brackets.replace(b"[]", b"")
         if len(peeled) == len(brackets):
-            raise JsonRejected("The body is not valid JSON: its brackets do not match.", _details(field))
+            raise JsonRejected("The JSON is not valid: its brackets do not match.", _details(field))
         brackets = peeled
     if b"[]" in brackets:
         raise _too_deep(max_depth, field)
     if brackets:
-        raise JsonRejected("The body is not valid JSON: its brackets do not match.", _details(field))
+        raise JsonRejected("The JSON is not valid: its brackets do not match.", _details(field))
 
 
 def loads(raw: bytes | str, *, field: str | None = None, max_depth: int = MAX_DEPTH,
@@ -114,7 +114,7 @@ def loads(raw: bytes | str, *, field: str | None = None, max_depth: int = MAX_DE
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise JsonRejected("The body is not valid UTF-8 (JSON must be UTF-8).", _details(field, position=e.start)) from None
+            raise JsonRejected("The JSON is not valid UTF-8 (JSON must be UTF-8).", _details(field, position=e.start)) from None
     try:
         value = json.loads(text, parse_constant=_constant, parse_float=_float, parse_int=_int, object_pairs_hook=_object)
     except JsonRejected as e:
@@ -122,10 +122,10 @@ def loads(raw: bytes | str, *, field: str | None = None, max_depth: int = MAX_DE
             e.details.setdefault("field", field)
         raise
     except json.JSONDecodeError as e:
-        raise JsonRejected(f"The body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno}).",
+        raise JsonRejected(f"The JSON is not valid: {e.msg} (line {e.lineno}, column {e.colno}).",
                            _details(field, position=e.pos)) from None
     except (ValueError, RecursionError) as e:  # not expected after the checks; still the client's input
-        raise JsonRejected("The body is not valid JSON.", _details(field)) from e
+        raise JsonRejected("The JSON is not valid.", _details(field)) from e
     if (not text.isascii() or "\\u" in text) and _has_lone_surrogate(value):
         raise JsonRejected("The JSON holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text.", _details(field))
     return value
