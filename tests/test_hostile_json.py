@@ -3,7 +3,7 @@ endpoint that takes JSON or form fields: the JSON submit (direct path and route)
 multipart submit's ``params`` and form fields, keys and warm.
 
 Every answer is a 4xx with the SPEC error body (a poisoned document) or an ordinary
-success, never a 5xx, always within 100 ms; a well-behaved client beside the fuzzer is
+success, never a 5xx, a refusal within 100 ms; a well-behaved client beside the fuzzer is
 served all along; a burst of 1,000 hostile requests adds no traceback and no error line
 to the log (genq logs nothing for a client's mistake); the server's memory stays put.
 The figures (requests per endpoint family, statuses, the slowest answer, RSS before and

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from genq import constants
 from hostile_json import SHAPE_TOOL, burst_and_check, fuzz_and_check
 from hostile_openapi import Budget, check, fuzz, real_jobs
 from k8s.controlplane import control_plane  # noqa: F401  (the session fixture)
-from test_k8s_cluster_mode import ADMIN, Cluster, echo_pool
+from test_k8s_cluster_mode import ADMIN, Cluster, echo_pool, eventually
 
 pytestmark = pytest.mark.k8s
 
@@ -57,9 +58,9 @@ def cluster(control_plane, tmp_path_factory):  # noqa: F811
         c.start()
         control_plane.kubectl("apply", "-n", c.ns, "-f", "-", input=yaml.safe_dump_all([echo_pool(), shape_pool()]))
         with c.client() as h:  # the API sees both pools before the fuzzing starts
-            from test_k8s_cluster_mode import eventually
-
             eventually(lambda: {t["name"] for t in h.get("/v1/tools").json()["tools"]} >= {"echo", "shape"}, 30, "the pools")
+        deployment = f"/apis/apps/v1/namespaces/{c.ns}/deployments/{constants.worker_deployment_name('echo')}"
+        eventually(lambda: c.get(deployment) is not None, 30, "the operator to make the echo pool's Deployment")
         c.run_worker_pod()  # the echo pool's worker: real jobs succeed, fail and queue
         yield c
     finally:
