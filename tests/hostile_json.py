@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from hypothesis import strategies as st
 
 from hostile import error_body_problem
 
+#: Derandomized by default (the same requests every run); ``GENQ_FUZZ_SEED`` explores others.
+FUZZ_SEED = int(os.environ.get("GENQ_FUZZ_SEED", "0"))
 #: genq's documented limits (genq.jsonlimits), restated: the test must notice if they move.
 MAX_DEPTH = 32
 MAX_ITEMS = 10_000
@@ -259,7 +262,7 @@ class Fuzzer:
                               f"{req.describe()}")
         return r
 
-    def fuzz(self, examples: int, fuzz_seed: int = 0) -> None:
+    def fuzz(self, examples: int, fuzz_seed: int = FUZZ_SEED) -> None:
         @seed(fuzz_seed)
         @settings(max_examples=examples, deadline=None, database=None, derandomize=fuzz_seed == 0,
                   phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
@@ -359,7 +362,7 @@ def report(name: str, fuzzer: Fuzzer, elapsed: float, rss: tuple[int, int]) -> N
     print(f"  server RSS {rss[0] / 1024:.1f} MiB before, {rss[1] / 1024:.1f} MiB after")
 
 
-def fuzz_and_check(url: str, key: str, examples: int, rss_kb: Callable[[], int], fuzz_seed: int = 0) -> None:
+def fuzz_and_check(url: str, key: str, examples: int, rss_kb: Callable[[], int], fuzz_seed: int = FUZZ_SEED) -> None:
     """Generated requests, a bystander beside them: no 5xx, 4xx bodies per the SPEC, each
     answer fast, the bystander served, memory back where it was (within the allocator's
     slack and what the accepted jobs hold)."""
