@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from genq.jsonlimits import JsonRejected
 from genq.ports import PortError, StorageFull
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ def render(e: Exception) -> tuple[int, dict[str, Any], dict[str, str] | None]:
         code = _BY_STATUS.get(e.status_code, "invalid_input" if e.status_code < 500 else "internal")
         message = {404: "No such resource.", 405: "Method not allowed on this resource."}.get(e.status_code, str(e.detail))
         return e.status_code, body(code, message), getattr(e, "headers", None)
+    if isinstance(e, JsonRejected):  # the client's JSON: a 400, never logged (genq.jsonlimits)
+        return 400, body("invalid_input", e.message, e.details), None
     if isinstance(e, StorageFull):
         log.error("storage full: %s", e)
         return 503, body("unavailable", "Storage is full; try again later."), {"Retry-After": "30"}
@@ -95,5 +98,5 @@ def install(app: FastAPI) -> None:
         return JSONResponse(body("validation_error", "The request does not match the expected schema.", {"errors": errors}),
                             status_code=422)
 
-    for exc in (ApiError, StarletteHTTPException, StorageFull, PortError, Exception):
+    for exc in (ApiError, JsonRejected, StarletteHTTPException, StorageFull, PortError, Exception):
         app.add_exception_handler(exc, _render)

@@ -166,6 +166,11 @@ class JobService:
             params = validate_params(spec, raw_params)
         except ParamsError as e:
             raise ApiError("validation_error", "The params do not match the tool's schema.", {"errors": e.errors}) from e
+        # Params travel in the job's record (a Kubernetes object, an SQLite row, every
+        # status read); images go to object storage. Same bound whichever way they came.
+        if len(json.dumps(params, ensure_ascii=False, separators=(",", ":"))) > self.settings.max_field_bytes:
+            raise ApiError("payload_too_large", f"The params are larger than {self.settings.max_field_bytes} bytes as JSON.",
+                           {"field": "params", "max_bytes": self.settings.max_field_bytes})
         lo, hi = spec.input_range
         if not lo <= len(sub.uploads) <= hi:
             want = f"exactly {lo}" if lo == hi else f"{lo} to {hi}"

@@ -76,6 +76,11 @@ def _same(direct, routed) -> None:
     (json.dumps({"tool": "echo", "priority": "urgent"}).encode(), "validation_error"),
     (json.dumps({"tool": "echo", "inputs": {"mask": "data:,"}}).encode(), "validation_error"),
     (json.dumps({"tool": "echo", "inputs": {"image": "data:image/png;base64,AAAA"}}).encode(), None),
+    # JSON genq refuses before or while parsing (genq.jsonlimits): the same 400 both ways
+    (b'{"tool": "echo", "params": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}", "invalid_input"),
+    (b'{"tool": "echo", "params": {"sleep": NaN}}', "invalid_input"),
+    (b'{"tool": "echo", "tool": "upscale"}', "invalid_input"),
+    (b'{"tool": "echo", "params": {"text": "\\ud800"}}', "invalid_input"),
 ])
 async def test_direct_path_answers_as_the_route_does(served, body, code):
     live, seen = served

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from genq.api import routing
 from genq.api.errors import body
 
-router = APIRouter(tags=["health"])
+router = routing.router(tags=["health"])
 
 
 @router.get("/healthz")

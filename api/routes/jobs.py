@@ -9,7 +9,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
@@ -18,17 +18,17 @@ from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import Receive, Scope, Send
 
-from genq import constants
+from genq import constants, jsonlimits
 from genq.api.auth import Principal
 from genq.api.deps import principal, service
-from genq.api import errors
+from genq.api import errors, routing
 from genq.api.errors import ApiError, not_found
 from genq.api.schemas import JobCreate, JobList, JobPublic
 from genq.api.service import JobService, Submission, Upload, decode_data_uri
 from genq.models import Priority, Status
 from genq.ports import JobFilter
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = routing.router(prefix="/v1/jobs", tags=["jobs"])
 
 _RESERVED_FORM = {"tool", "variant", "priority", "wait", "params", "image", "images"}
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.I)
@@ -182,10 +182,7 @@ class DirectSubmit:
 
 
 def _parse_json(raw: bytes, svc: JobService) -> Submission:
-    try:
-        payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError("invalid_input", "The body is not valid JSON.") from e
+    payload = jsonlimits.loads(raw)  # JsonRejected: 400 invalid_input (errors.render)
     if not isinstance(payload, dict):
         raise ApiError("invalid_input", "The body must be a JSON object.")
     try:
@@ -264,10 +261,7 @@ async def _parse_multipart(request: Request, svc: JobService) -> Submission:
     wait = _number(fields.pop("wait", "0") or "0", "wait", 0, s.max_wait_seconds)
     params: dict[str, Any] = {}
     if "params" in fields:
-        try:
-            params = json.loads(fields.pop("params"))
-        except ValueError as e:
-            raise ApiError("invalid_input", "The 'params' field must hold a JSON object.", {"field": "params"}) from e
+        params = jsonlimits.loads(fields.pop("params"), field="params")
         if not isinstance(params, dict):
             raise ApiError("invalid_input", "The 'params' field must hold a JSON object.", {"field": "params"})
     return Submission(tool, variant, params, fields, uploads, priority, wait)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import Depends, Request, Response
 from ulid import ULID
 
+from genq.api import routing
 from genq.api.auth import Principal, generate_key, hash_key
 from genq.api.deps import admin
 from genq.api.errors import not_found
 from genq.api.schemas import KeyCreate, KeyCreated, KeyPublic, iso
 from genq.models import ApiKey
 
-router = APIRouter(prefix="/v1/keys", tags=["keys"])
+router = routing.router(prefix="/v1/keys", tags=["keys"])
 
 
 def key_public(k: ApiKey) -> dict[str, Any]:

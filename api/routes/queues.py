@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import Depends
 
+from genq.api import routing
 from genq.api.auth import Principal
 from genq.api.deps import principal, service
 from genq.api.errors import not_found
@@ -13,7 +14,7 @@ from genq.api.schemas import QueueStats
 from genq.api.service import JobService
 from genq.tools import ToolSpec
 
-router = APIRouter(prefix="/v1/queues", tags=["queues"])
+router = routing.router(prefix="/v1/queues", tags=["queues"])
 
 
 async def queue_stats(svc: JobService, spec: ToolSpec) -> dict[str, Any]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import Depends
 from fastapi.responses import JSONResponse
 
 from genq import constants
+from genq.api import routing
 from genq.api.auth import Principal
 from genq.api.deps import admin, principal, service
 from genq.api.errors import ApiError, not_found
@@ -16,7 +17,7 @@ from genq.api.schemas import WarmRequest
 from genq.api.service import JobService
 from genq.tools import ToolSpec
 
-router = APIRouter(prefix="/v1/tools", tags=["tools"])
+router = routing.router(prefix="/v1/tools", tags=["tools"])
 
 
 def describe(spec: ToolSpec, svc: JobService) -> dict[str, Any]:

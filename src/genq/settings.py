@@ -137,7 +137,8 @@ class Settings(BaseSettings):
     max_files: int = 3
     """Most images one job may carry (image-edit takes up to 3)."""
     max_field_bytes: int = 64 * 1024
-    """Largest plain form field or JSON params body part; prompts are 2,000 chars at most."""
+    """Largest plain form field or JSON params body part, and a job's params as JSON (they
+    live in the job's record; a Kubernetes object holds 1.5 MB); prompts are 2,000 chars at most."""
     max_json_bytes: int = 3 * 28 * 1024 * 1024
     """Largest JSON submit body: three base64 images at the file limit, plus params."""
     max_wait_seconds: float = 120.0

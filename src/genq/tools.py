@@ -9,6 +9,7 @@ worker's ``genq.worker.tools`` package turns a spec into something runnable).
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,8 @@ from typing import Any, Literal
 import jsonschema
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from genq import jsonlimits
 
 ToolKind = Literal["imageEdit", "textToImage", "upscale", "python"]
 
@@ -243,27 +246,33 @@ def coerce_form_params(spec: ToolSpec, raw: dict[str, str]) -> dict[str, Any]:
     for key, value in raw.items():
         types = props.get(key, {}).get("type") if isinstance(props.get(key), dict) else None
         types = [types] if isinstance(types, str) else (types or [])
-        out[key] = _coerce(value, types)
+        out[key] = _coerce(key, value, types)
     return out
 
 
-def _coerce(value: str, types: list[str]) -> Any:
+def _coerce(key: str, value: str, types: list[str]) -> Any:
     for t in types:
         try:
             if t == "integer":
-                return int(value)
+                integer = int(value)
+                if jsonlimits.INT_MIN <= integer <= jsonlimits.INT_MAX:  # what every store can hold
+                    return integer
+                continue
             if t == "number":
-                return float(value)
+                number = float(value)
+                if math.isfinite(number):  # "nan" and "inf" parse, but are not JSON numbers
+                    return number
+                continue
             if t == "boolean" and value.lower() in ("true", "false", "1", "0"):
                 return value.lower() in ("true", "1")
             if t in ("object", "array"):
-                import json
-
-                parsed = json.loads(value)
+                parsed = jsonlimits.loads(value, field=key)
                 if isinstance(parsed, dict if t == "object" else list):
                     return parsed
             if t == "null" and value in ("", "null"):
                 return None
+        except jsonlimits.JsonLimitExceeded:
+            raise  # over a documented limit: a 400 naming it, not a string the schema refuses
         except (ValueError, TypeError):
             continue
     return value
