@@ -468,9 +468,29 @@ async def lead_and_operate(settings: Settings, *, stop_flag: Any = None, **kwarg
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+        if lead_task is not None and not lost.is_set():
+            await _release_lease(api, config.lease_namespace, config.identity)
         await api.close()
     if lost.is_set():
         raise SystemExit(1)  # restart as a follower; never run handlers without the Lease
+
+
+async def _release_lease(api: k8s.ApiClient, namespace: str, identity: str) -> None:
+    """A leader that stops cleanly deletes its Lease (if it still holds it: the delete is
+    conditional on the version read), so a successor leads at once instead of waiting
+    for the Lease to expire, and `helm uninstall` leaves no Lease behind (found on the
+    real node). Best effort: on any failure the Lease simply expires."""
+    coordination = k8s.CoordinationV1Api(api)
+    try:
+        lease = await coordination.read_namespaced_lease(constants.OPERATOR_LEASE, namespace)
+        if lease.spec.holder_identity != identity:
+            return
+        await coordination.delete_namespaced_lease(
+            constants.OPERATOR_LEASE, namespace,
+            body=k8s.V1DeleteOptions(preconditions=k8s.V1Preconditions(resource_version=lease.metadata.resource_version)))
+        log.info("%s released the lease %s", identity, constants.OPERATOR_LEASE)
+    except (ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        log.warning("could not release the lease %s: %s", constants.OPERATOR_LEASE, e)
 
 
 class _TolerantLeaseLock(LeaseLock):

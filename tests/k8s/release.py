@@ -100,6 +100,8 @@ def _values(node: Node, nats_url: str, s3_url: str) -> dict:
         "nats": {"enabled": False, "url": nats_url},
         "s3": {"endpoint": s3_url, "existingSecret": "genq-s3"},
         "api": {"resources": small},
+        # The tests poll job status: premium keys, with room for it.
+        "limits": {"ratePremium": "100000/minute"},
         "operator": {"resources": small, "scaleInterval": 1},
         "toolPools": {"upscale": {**no_gpu, "maxWorkers": 1}},
         "extraToolPools": [{
