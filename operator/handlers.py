@@ -202,6 +202,15 @@ def _status_changed(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bo
 # -- kopf wiring -----------------------------------------------------------------------------
 
 
+def _quiet_handler_successes() -> None:
+    """kopf logs every handler's success at INFO, and the scaler's timer succeeds once a
+    second per pool: two lines a second for two pools, in the operator's log for ever
+    (seen on the real node). Successes go to DEBUG's level; failures still show."""
+    objects = logging.getLogger("kopf.objects")
+    if objects.getEffectiveLevel() > logging.DEBUG:
+        objects.setLevel(logging.WARNING)
+
+
 def make_settings(settings: kopf.OperatorSettings | None = None) -> kopf.OperatorSettings:
     """genq's kopf settings: its own finalizer and annotation prefix, standalone."""
     settings = settings or kopf.OperatorSettings()
@@ -404,6 +413,7 @@ async def operate(
                                     ensure_tool=source.ensure_tool)
         registry = make_registry(reconciler, config)
         _register_login(registry, kubeconfig)
+        _quiet_handler_successes()
         await kopf.operator(
             registry=registry, settings=make_settings(), standalone=True,
             clusterwide=not config.namespaces, namespaces=config.namespaces,

@@ -113,13 +113,14 @@ def test_a_job_scales_the_pool_from_zero_and_runs_in_a_worker_pod(release):
     header, *rows = gjob.splitlines()
     assert header.split() == ["NAME", "TOOL", "VARIANT", "STATUS", "PROGRESS", "ATTEMPTS", "AGE"], gjob
     row = next(r.split() for r in rows if r.split()[0].endswith(job["id"].lower()) or job["id"].lower() in r)
-    assert row[1] == "echo" and row[3] == "Succeeded" and row[5] == "1", gjob
+    # STATUS is the Succeeded condition's reason (SPEC §5): Completed.
+    assert row[1] == "echo" and row[3] == "Completed" and row[5] == "1", gjob
 
 
 def test_a_backlog_runs_on_three_worker_pods_then_the_pool_returns_to_zero(release):
     key = release.new_key(name="backlog", tier="premium", max_queued=50)
     with release.client(key) as c:
-        long = submit(c, "long", sleep=45)
+        long = submit(c, "long", sleep=90)
         jobs = [submit(c, f"b{i}", sleep=1.5) for i in range(20)]
         peak = wait_for(lambda: len(running_pods(release, "echo")) >= 3 and 3, 180, what="3 running worker pods")
         assert peak == 3
@@ -131,7 +132,11 @@ def test_a_backlog_runs_on_three_worker_pods_then_the_pool_returns_to_zero(relea
         # The backlog is gone, the long job still runs: the pool scales in around it,
         # never deleting the pod that runs it.
         assert c.get(f"/v1/jobs/{long['id']}").json()["status"] == "running"
-        wait_for(lambda: worker_replicas(release, "echo") == 1, 120, what="scale-in to the long job's pod")
+        try:
+            wait_for(lambda: worker_replicas(release, "echo") == 1, 80, what="scale-in to the long job's pod")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{release.kubectl('get', 'pods,deploy,tpool,gjob')}\n"
+                                 f"{release.kubectl('logs', 'deploy/genq-operator', '--tail=60', check=False)}") from None
         long_done = wait_job(c, long["id"])
         assert long_done["attempts"] == 1, long_done
     wait_for(lambda: worker_replicas(release, "echo") == 0 and not release.pods("worker", "echo"), 180,
