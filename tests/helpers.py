@@ -254,3 +254,46 @@ def webp_patched(width: int, height: int, *, lossless: bool) -> bytes:
     else:  # pragma: no cover - depends on the libwebp build
         pytest.skip(f"Pillow wrote a {chunk!r} WEBP")
     return bytes(data)
+
+
+# -- servers the tests start -----------------------------------------------------------------
+
+
+def start_moto(log: Path, host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
+    """moto's S3 server on a free port of ``host``; its process and URL once it answers.
+    Its cwd is the log's folder, never the repo root (./operator shadows the stdlib's)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    url = f"http://{host}:{port}"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+                                cwd=log.parent, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto server exited with {proc.returncode}; see {log}")
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+            return proc, url
+        except OSError:
+            if time.monotonic() > deadline:
+                stop_process(proc)
+                raise RuntimeError(f"moto server did not answer on {url}; see {log}") from None
+            time.sleep(0.1)
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; a no-op for one already gone."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,57 +17,17 @@ import pytest
 from genq.adapters.localfs import LocalBlobStore
 from genq.adapters.s3 import S3BlobStore
 from genq.ports import BlobStore, Unavailable
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_moto(log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "ab") as out:
-        # cwd = the log's folder, never the repo root (./operator shadows the stdlib's).
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            cwd=log.parent,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
-        )
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited with {proc.returncode}; see {log}")
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
-            return proc, url
-        except OSError:
-            if time.monotonic() > deadline:
-                _stop(proc)
-                raise RuntimeError(f"moto server did not answer on {url}; see {log}") from None
-            time.sleep(0.1)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+from genq.adapters.nats_server import free_port
+from helpers import start_moto, stop_process
 
 
 @pytest.fixture(scope="session")
 def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, url = _start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
+    proc, url = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
     try:
         yield url
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def _s3(url: str) -> S3BlobStore:
@@ -226,7 +182,7 @@ async def test_s3_open_existing_bucket(moto_url: str) -> None:
 
 
 async def test_s3_unreachable_endpoint_is_unavailable() -> None:
-    s = S3BlobStore(f"http://127.0.0.1:{_free_port()}", "genq-test", "us-east-1", "testing", "testing")
+    s = S3BlobStore(f"http://127.0.0.1:{free_port()}", "genq-test", "us-east-1", "testing", "testing")
     t0 = time.monotonic()
     with pytest.raises(Unavailable):
         await s.open()
@@ -235,12 +191,12 @@ async def test_s3_unreachable_endpoint_is_unavailable() -> None:
 
 
 async def test_s3_ping_unavailable_after_server_stops(tmp_path: Path) -> None:
-    proc, url = _start_moto(tmp_path / "moto.log")
+    proc, url = start_moto(tmp_path / "moto.log")
     s = _s3(url)
     try:
         await s.open()
         await s.ping()
-        await asyncio.to_thread(_stop, proc)
+        await asyncio.to_thread(stop_process, proc)
         t0 = time.monotonic()
         with pytest.raises(Unavailable):
             await s.ping()
@@ -249,4 +205,4 @@ async def test_s3_ping_unavailable_after_server_stops(tmp_path: Path) -> None:
             await s.get("jobs/j1/inputs/a")
     finally:
         await s.close()
-        _stop(proc)
+        stop_process(proc)

@@ -38,7 +38,7 @@ import yaml
 from genq import constants
 from genq.adapters.nats_server import EmbeddedNats
 from helm.helmbin import chart_with_nats_stub, helm_bin, run_helm  # noqa: F401  (helm_bin: the session fixture)
-from k8s import servers
+from helpers import start_moto, stop_process
 from k8s.controlplane import control_plane, free_port  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.k8s
@@ -228,7 +228,7 @@ def installed(control_plane, helm_bin, chart, tmp_path_factory):  # noqa: F811
     workdir = tmp_path_factory.mktemp("chart-install")
     nats = EmbeddedNats(workdir / "nats")
     nats.start()
-    moto, s3_url = servers.start_moto(workdir / "moto.log")
+    moto, s3_url = start_moto(workdir / "moto.log")
     namespace = f"genq-chart-{uuid.uuid4().hex[:6]}"
     docs: list[dict] = []
     try:
@@ -254,7 +254,7 @@ def installed(control_plane, helm_bin, chart, tmp_path_factory):  # noqa: F811
         for doc in docs:
             if doc["kind"] in ("ClusterRole", "ClusterRoleBinding"):
                 cp.kubectl("delete", doc["kind"].lower(), doc["metadata"]["name"], check=False)
-        servers.stop(moto)
+        stop_process(moto)
         nats.stop()
 
 

@@ -43,6 +43,7 @@ import httpx
 import pytest
 import yaml
 
+from helpers import stop_process
 from k8s import controlplane
 
 HERE = Path(__file__).resolve().parent
@@ -395,7 +396,7 @@ class Node:
         try:
             if self.cp is not None:
                 self.cp.stop_process("kube-controller-manager")
-            _stop(self.processes.pop("kube-scheduler", None))
+            stop_process(self.processes.pop("kube-scheduler", None))
             if self.cp is not None and "kubelet" in self.processes and self.processes["kubelet"].poll() is None:
                 self.kubectl("delete", "pods", "--all", "--all-namespaces", "--grace-period=1", "--wait=false", check=False)
                 deadline = time.monotonic() + 60
@@ -405,26 +406,15 @@ class Node:
                     if not pods and not tasks:
                         break
                     time.sleep(0.5)
-            _stop(self.processes.pop("kube-proxy", None))
+            stop_process(self.processes.pop("kube-proxy", None))
             run(str(self.bin / "kube-proxy"), "--cleanup", "--proxy-mode=iptables", check=False)
-            _stop(self.processes.pop("kubelet", None))
+            stop_process(self.processes.pop("kubelet", None))
             if self.cp is not None:
                 self.cp.stop()
-            _stop(self.processes.pop("containerd", None))
+            stop_process(self.processes.pop("containerd", None))
         finally:
             self.processes.clear()
             sweep()
-
-
-def _stop(proc: subprocess.Popen | None, timeout: float = 15) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def build_images() -> dict[str, tuple[str, Path]]:

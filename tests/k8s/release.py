@@ -26,19 +26,14 @@ from PIL import Image
 
 from genq.adapters.nats_server import EmbeddedNats
 from helm.helmbin import chart_with_nats_stub, run_helm
-from k8s import servers
+from conftest import ECHO_PARAMS
+from helpers import start_moto, stop_process
 from k8s.node import NODE_IP, Node
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 CHART = ROOT / "charts" / "genq"
 RELEASE = "genq"
 S3_KEY, S3_SECRET = "genq-node-key", "genq-node-secret"
-ECHO_PARAMS = {
-    "type": "object", "additionalProperties": False,
-    "properties": {"text": {"type": "string", "maxLength": 100}, "seed": {"type": "integer", "minimum": 0},
-                   "sleep": {"type": "number", "minimum": 0, "maximum": 120}},
-}
-
 
 def png(w: int = 24, h: int = 16) -> bytes:
     buf = io.BytesIO()
@@ -119,7 +114,7 @@ def installed(node: Node, helm_bin: Path, workdir: Path, **overrides) -> Iterato
     """`helm install` into a fresh namespace, waiting for the pods; uninstalled after."""
     nats = EmbeddedNats(workdir / "nats", host=NODE_IP)
     nats.start()
-    moto, s3_url = servers.start_moto(workdir / "moto.log", host=NODE_IP)
+    moto, s3_url = start_moto(workdir / "moto.log", host=NODE_IP)
     namespace = f"genq-node-{uuid.uuid4().hex[:6]}"
     chart = chart_with_nats_stub(CHART, workdir)
     values = workdir / "values.yaml"
@@ -142,7 +137,7 @@ def installed(node: Node, helm_bin: Path, workdir: Path, **overrides) -> Iterato
     finally:
         rel.helm("uninstall", RELEASE, "--wait", "--timeout", "2m", check=False)
         node.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-        servers.stop(moto)
+        stop_process(moto)
         nats.stop()
 
 
