@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from conftest import ADMIN, tools_config
 from genq import jsonlimits
 from genq.jsonlimits import MAX_DEPTH, MAX_ITEMS, JsonLimitExceeded, JsonRejected, loads
-from test_api_flows import assert_error
+from helpers import assert_error
 
 
 def nested(depth: int, inner: str = "1") -> str:
