@@ -270,19 +270,11 @@ def _too_many_pixels(width: int, height: int, limit: int) -> ImageRejected:
 def check_image(data: bytes, *, max_bytes: int, max_pixels: int) -> CheckedImage:
     """Check one uploaded file; return what it is or raise :class:`ImageRejected`.
 
-    Blocking (it decodes the whole image): the API calls it through a thread.
+    Blocking (it decodes the whole image): the API calls it through a thread. The cheap
+    checks come first (size, format by content, header dimensions, metadata), so no
+    decoder runs on a file they refuse.
     """
-    size = len(data)
-    if size == 0:
-        raise _invalid("The file is empty.")
-    if size > max_bytes:
-        raise ImageRejected(
-            "payload_too_large",
-            f"The file is {size} bytes, more than the limit of {max_bytes} bytes.",
-            413,
-            {"size_bytes": size, "max_bytes": max_bytes},
-        )
-
+    size = _check_size(data, max_bytes)
     fmt = sniff_format(data)
     if fmt is None:
         raise ImageRejected(
@@ -293,12 +285,39 @@ def check_image(data: bytes, *, max_bytes: int, max_pixels: int) -> CheckedImage
         )
     content_type, extension, pil_formats = _FORMATS[fmt]
     limit = _pixel_limit(max_pixels)
+    _check_before_decoding(data, fmt, limit)
+    width, height, mode = _decode(data, fmt, pil_formats, limit)
+    return CheckedImage(
+        format=fmt,
+        content_type=content_type,
+        extension=extension,
+        width=width,
+        height=height,
+        mode=mode,
+        size_bytes=size,
+    )
 
-    # Header only, before any decoder runs: refuses decompression bombs cheaply.
+
+def _check_size(data: bytes, max_bytes: int) -> int:
+    size = len(data)
+    if size == 0:
+        raise _invalid("The file is empty.")
+    if size > max_bytes:
+        raise ImageRejected(
+            "payload_too_large",
+            f"The file is {size} bytes, more than the limit of {max_bytes} bytes.",
+            413,
+            {"size_bytes": size, "max_bytes": max_bytes},
+        )
+    return size
+
+
+def _check_before_decoding(data: bytes, fmt: str, limit: int) -> None:
+    """Header only, before any decoder runs: refuses decompression bombs and metadata
+    floods cheaply."""
     dims = header_size(data, fmt)
     if dims is not None and dims[0] * dims[1] > limit:
         raise _too_many_pixels(dims[0], dims[1], limit)
-
     meta, chunks = metadata_size(data, fmt)
     if meta > MAX_METADATA_BYTES or chunks > MAX_CHUNKS:
         raise _invalid(
@@ -307,6 +326,9 @@ def check_image(data: bytes, *, max_bytes: int, max_pixels: int) -> CheckedImage
             format=fmt, max_metadata_bytes=MAX_METADATA_BYTES, max_chunks=MAX_CHUNKS,
         )
 
+
+def _decode(data: bytes, fmt: str, pil_formats: tuple[str, ...], limit: int) -> tuple[int, int, str]:
+    """Decode the whole image with Pillow (its own plugin only): width, height, mode."""
     try:
         img = Image.open(io.BytesIO(data), formats=[pil_formats[0]])
     except Image.DecompressionBombError as exc:
@@ -344,14 +366,4 @@ def check_image(data: bytes, *, max_bytes: int, max_pixels: int) -> CheckedImage
         except Exception as exc:  # noqa: BLE001 - a corrupt EXIF block, whatever the parser raised
             log.debug("cannot parse the EXIF of a %s: %r", fmt, exc)
             raise _invalid(f"The {fmt.upper()} image's EXIF metadata is corrupt.", format=fmt) from None
-        mode = img.mode
-
-    return CheckedImage(
-        format=fmt,
-        content_type=content_type,
-        extension=extension,
-        width=width,
-        height=height,
-        mode=mode,
-        size_bytes=size,
-    )
+        return width, height, img.mode
