@@ -63,14 +63,15 @@ async def bus(tmp_path):
 class OperatorThread:
     """The operator (``operate``; no Lease) in a thread with its own event loop."""
 
-    def __init__(self, control_plane, ns: str, nats_url: str, lease: bool = False, identity: str = "op-1"):  # noqa: F811
+    def __init__(self, control_plane, ns: str, nats_url: str, lease: bool = False, identity: str = "op-1",  # noqa: F811
+                 scale_interval: float = 0.5):
         from genq.settings import OperatorSettings, Settings
 
         self.settings = Settings(
             nats_url=nats_url, ack_wait_seconds=5, kubeconfig=control_plane.kubeconfig,
             operator=OperatorSettings(
                 worker_image="genq-worker:test", worker_env={"GENQ_NATS_URL": nats_url}, namespaces=[ns],
-                scale_interval=0.5, lease_namespace=ns, lease_seconds=4, identity=identity))
+                scale_interval=scale_interval, lease_namespace=ns, lease_seconds=4, identity=identity))
         self.config = self.settings.operator
         self.lease = lease
         self.stop_flag = threading.Event()
@@ -278,6 +279,32 @@ async def test_two_operators_one_leader(api, ns, bus, control_plane, monkeypatch
     finally:
         a.stop()
         b.stop()
+
+
+async def test_a_job_for_a_pool_at_zero_starts_a_worker_before_the_scalers_next_pass(api, ns, bus, control_plane,  # noqa: F811
+                                                                                      monkeypatch):
+    """Found on the real node: the scaler's tick was most of a cold start's platform part.
+    With a 60 s scale interval, a new GenerationJob still scales its pool 0 -> 1 at once."""
+    monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
+    op = OperatorThread(control_plane, ns, bus.url, scale_interval=60).start()
+    try:
+        pools = f"{GROUP}/namespaces/{ns}/toolpools"
+        dep_url = f"/apis/apps/v1/namespaces/{ns}/deployments/upscale-workers"
+        ok(api.post(pools, json=pool()))
+        # The first pass (at once) leaves the pool at zero; the next is a minute away.
+        await eventually(lambda: (get(api, f"{pools}/upscale").get("status") or {}).get("queued") == 0, what="first pass")
+        assert get(api, dep_url)["spec"]["replicas"] == 0
+        job = {"apiVersion": "genq.io/v1alpha1", "kind": "GenerationJob", "metadata": {"name": "job-cold"},
+               "spec": {"tool": "upscale", "variant": "lanczos", "params": {}, "inputs": [], "owner": "key-1"}}
+        t0 = time.monotonic()
+        ok(api.post(f"{GROUP}/namespaces/{ns}/generationjobs", json=job))
+        await eventually(lambda: get(api, dep_url)["spec"]["replicas"] == 1, timeout=20, what="scaled 0 -> 1")
+        assert time.monotonic() - t0 < 20  # not the 60 s tick
+        await eventually(lambda: any(e["reason"] == conditions.EVENT_SCALED_UP and "pool at zero" in e["message"]
+                                     for e in ok(api.get(f"/api/v1/namespaces/{ns}/events"))["items"]), what="the Event")
+    finally:
+        op.stop()
+    assert op.error is None, repr(op.error)
 
 
 def apply_rbac(control_plane, name: str, ns: str, *, cluster_scoped: bool = True) -> list[dict]:  # noqa: F811

@@ -97,7 +97,7 @@ def _values(node: Node, nats_url: str, s3_url: str) -> dict:
         "api": {"resources": small},
         # The tests poll job status: premium keys, with room for it.
         "limits": {"ratePremium": "100000/minute"},
-        "operator": {"resources": small, "scaleInterval": 1},
+        "operator": {"resources": small},  # the chart's scaleInterval (5 s): cold starts use the watch
         "toolPools": {"upscale": {**no_gpu, "maxWorkers": 1}},
         "extraToolPools": [{
             "tool": {"kind": "python", "name": "echo", "entrypoint": "genq_testtools:echo", "params": ECHO_PARAMS,
