@@ -1,35 +1,15 @@
-"""``JobStore`` and ``KeyStore`` on SQLite: the embedded default.
-
-WAL mode, stdlib ``sqlite3``, statements run on the caller's (the event loop's) thread:
-with ``synchronous=NORMAL`` a commit is a write to the WAL without fsync, a fraction of a
-millisecond, cheaper than handing the statement to another thread and waiting for the
-GIL back. The loop never waits inside SQLite: its connection has no busy timeout, and a
-statement refused because another process holds the write lock is retried after an
-``asyncio.sleep`` backoff; the WAL is checkpointed (the only fsync of the database file)
-by a thread of its own, never inside a commit on the loop.
-
-A job's status moves only by compare-and-set (``UPDATE ... WHERE id = ? AND version = ?
-RETURNING``, after checking the expectation on the row just read). Every write stamps the
-row with a store-wide revision (``rev``); the in-memory dispatch-order index that answers
-``position`` and queue counts in O(log n) follows the table by reading rows whose ``rev``
-is newer than the last one it saw, so it stays right even when a worker in another process
-writes to the same file.
-
-Neighbours: implements :class:`genq.ports.JobStore` / :class:`genq.ports.KeyStore`; used by
-the API, the worker and the housekeeping loop alike.
-"""
+"""``SQLiteStore``: the connection, group commit and WAL sync, the dispatch-order index
+that follows other processes' writes, and the job methods. The row codecs, the
+compare-and-set and the side tables live in the neighbouring modules of this package."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
-import json
 import logging
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -38,10 +18,27 @@ from typing import Any, TypeVar
 from sortedcontainers import SortedList
 
 from genq.cursor import decode_cursor, encode_cursor
-from genq.models import MUTABLE_FIELDS, ApiKey, FileRef, Job, Priority, Status, cas_allows
-from genq.ports import JobFilter, JobStore, Page, PortError, StorageFull, ToolCounts, Unavailable
+from genq.models import MUTABLE_FIELDS, Job, Status
+from genq.ports import JobFilter, JobStore, Page, StorageFull, ToolCounts, Unavailable
 
-log = logging.getLogger(__name__)
+from .cas import _cas, _evolved
+from .connection import (
+    CHECKPOINT_INTERVAL,
+    WAL_LIMIT_BYTES,
+    _Checkpointer,
+    _fetch,
+    _is_busy,
+    _is_full,
+    _off_loop,
+    _port_error,
+    _script,
+    _write_stream_seqs,
+)
+from .records import _Records
+from .schema import _NEXT_REV, SCHEMA, _deadline_at, _encode_data, _row_to_job
+
+# The package's name, as before the split into modules: log records read the same.
+log = logging.getLogger("genq.adapters.sqlite")
 
 T = TypeVar("T")
 
@@ -60,170 +57,6 @@ BUSY_TIMEOUT = 10.0
 #: Pauses between tries of a statement refused with SQLITE_BUSY: SQLite's own busy
 #: handler's schedule (ms 1, 2, 5, 10, ... 100), then 100 ms until ``BUSY_TIMEOUT``.
 _BUSY_BACKOFF = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05, 0.1)
-#: Seconds between the checkpointer thread's passive checkpoints. Between two, the WAL
-#: holds about that many seconds of writes (a few MB at a few hundred jobs a second); a
-#: write after a complete checkpoint starts the WAL over from its beginning.
-CHECKPOINT_INTERVAL = 1.0
-#: A WAL larger than this (a reader held an old snapshot, so passive passes could not
-#: finish) gets a TRUNCATE checkpoint, which waits for readers; the same size caps what the
-#: WAL file keeps on disk after it starts over (``journal_size_limit``).
-WAL_LIMIT_BYTES = 64 * 1024 * 1024
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    owner TEXT NOT NULL,
-    tool TEXT NOT NULL,
-    variant TEXT NOT NULL,
-    priority TEXT NOT NULL,
-    prank INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    version INTEGER NOT NULL,
-    rev INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    completed_at REAL,
-    expires_at REAL,
-    heartbeat_at REAL,
-    deadline_at REAL,
-    stream_seq INTEGER,
-    attempts INTEGER NOT NULL,
-    progress REAL NOT NULL,
-    seed INTEGER,
-    worker TEXT,
-    data TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS jobs_rev ON jobs(rev);
-CREATE INDEX IF NOT EXISTS jobs_seq ON jobs(seq);
-CREATE INDEX IF NOT EXISTS jobs_owner_id ON jobs(owner, id);
-CREATE INDEX IF NOT EXISTS jobs_owner_status ON jobs(owner, status);
-CREATE INDEX IF NOT EXISTS jobs_expires ON jobs(expires_at) WHERE expires_at IS NOT NULL;
-CREATE INDEX IF NOT EXISTS jobs_status_hb ON jobs(status, heartbeat_at);
-CREATE INDEX IF NOT EXISTS jobs_done ON jobs(tool, status, completed_at);
-CREATE INDEX IF NOT EXISTS jobs_unpublished ON jobs(created_at) WHERE status = 'queued' AND stream_seq IS NULL;
--- A prefix of jobs_done (kept by databases made before it went): one index less to write.
-DROP INDEX IF EXISTS jobs_tool_status;
-CREATE TABLE IF NOT EXISTS keys (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    key_hash TEXT NOT NULL UNIQUE,
-    prefix TEXT NOT NULL,
-    tier TEXT NOT NULL,
-    admin INTEGER NOT NULL,
-    max_queued INTEGER,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS idempotency (
-    owner TEXT NOT NULL,
-    key TEXT NOT NULL,
-    body_hash TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    expires_at REAL NOT NULL,
-    PRIMARY KEY (owner, key)
-);
-CREATE TABLE IF NOT EXISTS workers (
-    id TEXT PRIMARY KEY,
-    tool TEXT NOT NULL,
-    slots INTEGER NOT NULL,
-    last_seen REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
--- The highest revision a deleted job had: revisions never go back (see _NEXT_REV).
-CREATE TRIGGER IF NOT EXISTS jobs_rev_floor AFTER DELETE ON jobs BEGIN
-    INSERT INTO counters (name, value) VALUES ('rev_floor', OLD.rev)
-    ON CONFLICT(name) DO UPDATE SET value = max(value, excluded.value);
-END;
-"""
-
-#: The revision a write stamps: one above every revision any job ever had. ``MAX(rev)``
-#: alone goes back when the job holding it is deleted (a retention expiry after a quiet
-#: spell, a submit taken back), and another process whose index had seen that revision
-#: would then skip the next writes (a job started by a ``genq worker`` still queued in
-#: the API's positions and counts).
-_NEXT_REV = (
-    "(SELECT max(COALESCE((SELECT MAX(rev) FROM jobs), 0),"
-    " COALESCE((SELECT value FROM counters WHERE name = 'rev_floor'), 0)) + 1)"
-)
-
-# Columns kept outside the JSON ``data`` blob: what queries filter or sort on.
-_COLUMNS = (
-    "id", "owner", "tool", "variant", "priority", "status", "seq", "version", "created_at",
-    "started_at", "completed_at", "expires_at", "heartbeat_at", "stream_seq", "attempts",
-    "progress", "seed", "worker",
-)
-_DATA_FIELDS = ("params", "inputs", "results", "result_meta", "error", "max_attempts", "deadline_seconds", "ttl_seconds", "delivery")
-
-
-def _encode_data(job: Job) -> str:
-    return json.dumps(
-        {
-            "params": job.params,
-            "inputs": [f.to_dict() for f in job.inputs],
-            "results": [f.to_dict() for f in job.results],
-            "result_meta": job.result_meta,
-            "error": job.error,
-            "max_attempts": job.max_attempts,
-            "deadline_seconds": job.deadline_seconds,
-            "ttl_seconds": job.ttl_seconds,
-            "delivery": job.delivery,
-        },
-        separators=(",", ":"),
-    )
-
-
-_STATUSES = {s.value: s for s in Status}
-_PRIORITIES = {p.value: p for p in Priority}
-
-
-def _row_to_job(row: sqlite3.Row) -> Job:
-    data = json.loads(row["data"])
-    return Job(
-        id=row["id"],
-        owner=row["owner"],
-        tool=row["tool"],
-        variant=row["variant"],
-        priority=_PRIORITIES[row["priority"]],
-        status=_STATUSES[row["status"]],
-        seq=row["seq"],
-        version=row["version"],
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        completed_at=row["completed_at"],
-        expires_at=row["expires_at"],
-        heartbeat_at=row["heartbeat_at"],
-        stream_seq=row["stream_seq"],
-        attempts=row["attempts"],
-        progress=row["progress"],
-        seed=row["seed"],
-        worker=row["worker"],
-        params=data["params"],
-        inputs=tuple(FileRef.from_dict(f) for f in data["inputs"]),
-        results=tuple(FileRef.from_dict(f) for f in data["results"]),
-        result_meta=data["result_meta"],
-        error=data["error"],
-        max_attempts=data["max_attempts"],
-        deadline_seconds=data["deadline_seconds"],
-        ttl_seconds=data["ttl_seconds"],
-        delivery=data.get("delivery"),
-    )
-
-
-def _evolved(job: Job, **changes: Any) -> Job:
-    """``job.evolve(**changes)`` without ``dataclasses.replace``'s trip through ``__init__``
-    (a third of a compare-and-set's Python time): a copy of its fields with ``changes``
-    over them. Job has no ``__post_init__`` to skip."""
-    new = object.__new__(Job)
-    fields = new.__dict__
-    fields.update(job.__dict__)
-    fields.update(changes)
-    return new
-
-
-def _deadline_at(job: Job) -> float | None:
-    if job.status is Status.RUNNING and job.started_at is not None and job.deadline_seconds:
-        return job.started_at + job.deadline_seconds
-    return None
 
 
 class _QueueIndex:
@@ -257,7 +90,7 @@ class _QueueIndex:
             run.discard(job_id)
 
 
-class SQLiteStore(JobStore):
+class SQLiteStore(_Records, JobStore):
     """Jobs, keys, idempotency records and worker liveness in one SQLite file."""
 
     def __init__(self, path: Path, *, checkpoint_interval: float | None = CHECKPOINT_INTERVAL):
@@ -741,246 +574,3 @@ class SQLiteStore(JobStore):
             {"now": now, "hb": heartbeat_before, "unpub": unpublished_before, "limit": limit},
         )
         return [_row_to_job(r) for r in rows]
-
-    # -- idempotency --------------------------------------------------------------------
-    async def idempotency_get(self, owner: str, key: str) -> tuple[str, str] | None:
-
-        rows = await self._rows(
-            "SELECT body_hash, job_id FROM idempotency WHERE owner = ? AND key = ? AND expires_at > ?",
-            (owner, key, time.time()),
-        )
-        return (rows[0]["body_hash"], rows[0]["job_id"]) if rows else None
-
-    async def idempotency_put(self, owner: str, key: str, body_hash: str, job_id: str, expires_at: float) -> tuple[str, str]:
-
-        def put(conn: sqlite3.Connection) -> tuple[str, str]:
-            conn.execute("DELETE FROM idempotency WHERE owner = ? AND key = ? AND expires_at <= ?", (owner, key, time.time()))
-            conn.execute(
-                "INSERT OR IGNORE INTO idempotency (owner, key, body_hash, job_id, expires_at) VALUES (?, ?, ?, ?, ?)",
-                (owner, key, body_hash, job_id, expires_at),
-            )
-            rows = conn.execute("SELECT body_hash, job_id FROM idempotency WHERE owner = ? AND key = ?", (owner, key)).fetchall()
-            return rows[0]["body_hash"], rows[0]["job_id"]
-
-        return await self._write_grouped(put)
-
-    async def idempotency_delete(self, owner: str, key: str, job_id: str) -> None:
-        await self._write("DELETE FROM idempotency WHERE owner = ? AND key = ? AND job_id = ?", (owner, key, job_id))
-
-    async def idempotency_sweep(self, now: float) -> None:
-        await self._write("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
-
-    # -- workers -------------------------------------------------------------------------
-    async def worker_seen(self, worker_id: str, tool: str, slots: int, now: float) -> None:
-        await self._write(
-            "INSERT INTO workers (id, tool, slots, last_seen) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen, slots = excluded.slots",
-            (worker_id, tool, slots, now),
-        )
-
-    async def worker_gone(self, worker_id: str) -> None:
-        await self._write("DELETE FROM workers WHERE id = ?", (worker_id,))
-
-    async def record_event(self, job: Job, reason: str, message: str, *, warning: bool = False) -> None:
-        """No event feed on one machine: the job's status and the log say it."""
-
-    async def workers_alive(self, tool: str, since: float) -> int:
-        rows = await self._rows("SELECT COALESCE(SUM(slots), 0) AS n FROM workers WHERE tool = ? AND last_seen >= ?", (tool, since))
-        return rows[0]["n"]
-
-    # -- keys ----------------------------------------------------------------------------
-    async def create_key(self, key: ApiKey) -> ApiKey:
-        await self._write(
-            "INSERT INTO keys (id, name, key_hash, prefix, tier, admin, max_queued, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (key.id, key.name, key.key_hash, key.prefix, key.tier, int(key.admin), key.max_queued, key.created_at),
-        )
-        return key
-
-    async def key_by_hash(self, key_hash: str) -> ApiKey | None:
-        rows = await self._rows("SELECT * FROM keys WHERE key_hash = ?", (key_hash,))
-        return _row_to_key(rows[0]) if rows else None
-
-    async def list_keys(self) -> list[ApiKey]:
-        return [_row_to_key(r) for r in await self._rows("SELECT * FROM keys ORDER BY created_at")]
-
-    async def delete_key(self, key_id: str) -> bool:
-        rows = await self._write("DELETE FROM keys WHERE id = ? RETURNING id", (key_id,))
-        return bool(rows)
-
-    async def get_key(self, key_id: str) -> ApiKey | None:
-        rows = await self._rows("SELECT * FROM keys WHERE id = ?", (key_id,))
-        return _row_to_key(rows[0]) if rows else None
-
-
-#: What a change of each updatable field writes: (column, value of the new job) pairs;
-#: every field kept in the JSON blob rewrites ``data``.
-_CAS_COLUMNS: dict[str, tuple[tuple[str, Callable[[Job], Any]], ...]] = {
-    **{f: ((f, lambda j, f=f: getattr(j, f)),) for f in sorted(MUTABLE_FIELDS) if f not in _DATA_FIELDS},
-    **{f: (("data", _encode_data),) for f in _DATA_FIELDS if f in MUTABLE_FIELDS},
-    "status": (("status", lambda j: j.status.value), ("deadline_at", _deadline_at)),
-    "started_at": (("started_at", lambda j: j.started_at), ("deadline_at", _deadline_at)),
-    "deadline_seconds": (("data", _encode_data), ("deadline_at", _deadline_at)),
-}
-
-
-def _cas_sets(changes: dict[str, Any], requeue: bool) -> tuple[str, tuple[tuple[str, Callable[[Job], Any]], ...]]:
-    """The SET clause of a compare-and-set changing ``changes``' fields, and how to get
-    each ``?``'s value from the new job. Same fields, same text: SQLite's statement cache
-    keeps the few shapes the callers use compiled."""
-    return _cas_sets_for(tuple(sorted(changes)), requeue)
-
-
-@functools.lru_cache(maxsize=256)
-def _cas_sets_for(fields: tuple[str, ...], requeue: bool) -> tuple[str, tuple[tuple[str, Callable[[Job], Any]], ...]]:
-    cols: dict[str, Callable[[Job], Any]] = {}
-    for field in fields:
-        for col, get in _CAS_COLUMNS[field]:
-            cols[col] = get
-    sets = [f"{col} = ?" for col in cols]
-    sets += ["version = version + 1", f"rev = {_NEXT_REV}"]
-    if requeue:
-        sets.append("seq = (SELECT MAX(seq) + 1 FROM jobs)")
-    return ", ".join(sets), tuple(cols.items())
-
-
-def _write_stream_seqs(conn: sqlite3.Connection, notes: list[tuple[str, int]]) -> None:
-    """Many jobs' stream positions in one write (as a compare-and-set would: version and
-    revision bumped)."""
-    conn.executemany(
-        f"UPDATE jobs SET stream_seq = ?, version = version + 1, rev = {_NEXT_REV} "
-        "WHERE id = ? AND status = 'queued' AND stream_seq IS NULL",
-        [(seq, job_id) for job_id, seq in notes],
-    )
-
-
-def _fetch(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...] | dict[str, Any]) -> list[sqlite3.Row]:
-    # fetchall: a statement stepped to its end is reset at once, so a write commits here
-    # (autocommit) and a read lets go of its WAL snapshot.
-    return conn.execute(sql, args).fetchall()
-
-
-def _script(conn: sqlite3.Connection, sql: str) -> None:
-    conn.executescript(sql)
-
-
-async def _off_loop(fn: Callable[[], None]) -> None:
-    try:
-        await asyncio.to_thread(fn)
-    except RuntimeError:  # the loop's executor is shut down already (interpreter exit)
-        fn()
-
-
-def _is_busy(e: sqlite3.OperationalError) -> bool:
-    code = getattr(e, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF == sqlite3.SQLITE_BUSY
-    return "database is locked" in str(e)  # pragma: no cover - Python always sets the code
-
-
-def _port_error(e: sqlite3.Error) -> PortError:
-    """A failed transaction as the store's callers know failures: full, or unavailable."""
-    if isinstance(e, sqlite3.OperationalError) and _is_full(e):
-        return StorageFull(str(e))
-    return Unavailable(f"job store: the transaction failed: {e}")
-
-
-def _is_full(e: sqlite3.OperationalError) -> bool:
-    code = getattr(e, "sqlite_errorcode", None)
-    return (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or "disk is full" in str(e)
-
-
-class _Checkpointer(threading.Thread):
-    """Copies the WAL back into the database file every ``interval`` seconds, on its own
-    connection and thread, so the fsync this takes never happens on the event loop (the
-    loop's connection has auto-checkpoint off)."""
-
-    def __init__(self, path: Path, interval: float):
-        super().__init__(name=f"genq-sqlite-checkpoint-{path.name}", daemon=True)
-        self.path = path
-        self.wal = Path(f"{path}-wal")
-        self.interval = interval
-        self._stop_event = threading.Event()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-    def run(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
-        try:
-            while not self._stop_event.wait(self.interval):
-                self.checkpoint(conn)
-        finally:
-            conn.close()
-
-    def checkpoint(self, conn: sqlite3.Connection) -> None:
-        try:
-            size = self.wal.stat().st_size
-        except FileNotFoundError:
-            return
-        # PASSIVE never waits and never blocks a writer; TRUNCATE (a WAL that passive
-        # passes could not empty) waits for readers and holds writers off meanwhile, who
-        # back off asynchronously.
-        mode = "TRUNCATE" if size > WAL_LIMIT_BYTES else "PASSIVE"
-        try:
-            conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
-        except sqlite3.Error as e:
-            log.debug("checkpoint of %s: %s", self.path, e)
-
-
-def _cas(
-    conn: sqlite3.Connection,
-    job_id: str,
-    expect: list[str] | None,
-    version: int | None,
-    guard: Callable[[Job], bool] | None,
-    requeue: bool,
-    changes: dict[str, Any],
-    known: Job | None = None,
-) -> Job | None:
-    """Compare-and-set. The ``version = ?`` in the UPDATE keeps it atomic against writers
-    in other processes; on a lost race the row is read afresh and the expectation checked
-    again. Safe to run again from the start when SQLite answers SQLITE_BUSY.
-
-    ``known``, a committed state of the job seen lately, is tried first without reading
-    the row: the UPDATE's ``version = ?`` confirms it is still the row's, and on a miss
-    the row is read as usual. A worker's claim and finish write a job this process just
-    read or wrote: each saves a SELECT and a row parse."""
-    for i in range(6):
-        if i == 0:
-            if known is None or not cas_allows(known, expect, version, guard):
-                continue  # decided on the row itself, never on a guess
-            current = known
-        else:
-            # fetchall, not fetchone: a statement stepped to its end is reset at once, so
-            # an UPDATE ... RETURNING commits here and not whenever its cursor is collected.
-            rows = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchall()
-            if not rows:
-                return None
-            current = _row_to_job(rows[0])
-        if not cas_allows(current, expect, version, guard):
-            return None
-        # The row after the write is the one read with ``changes`` applied and the version
-        # bumped (``WHERE version = ?`` makes that so): built here, not read back and parsed.
-        new = _evolved(current, **changes, version=current.version + 1)
-        sets, getters = _cas_sets(changes, requeue)
-        cur = conn.execute(
-            f"UPDATE jobs SET {sets} WHERE id = ? AND version = ?{' RETURNING seq' if requeue else ''}",
-            (*(get(new) for _, get in getters), job_id, current.version),
-        )
-        if requeue:
-            written = cur.fetchall()
-            if written:
-                return _evolved(new, seq=written[0][0])
-        elif cur.rowcount == 1:  # an UPDATE without RETURNING runs to its end (and commits) in execute
-            return new
-        if version is not None:
-            return None
-    return None
-
-
-def _row_to_key(r: sqlite3.Row) -> ApiKey:
-    return ApiKey(
-        id=r["id"], name=r["name"], key_hash=r["key_hash"], prefix=r["prefix"], tier=r["tier"],
-        admin=bool(r["admin"]), max_queued=r["max_queued"], created_at=r["created_at"],
-    )
-
