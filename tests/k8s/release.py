@@ -88,7 +88,8 @@ def _values(node: Node, nats_url: str, s3_url: str) -> dict:
         return {"repository": repository, "tag": tag}
 
     small = {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "1Gi"}}
-    no_gpu = {"resources": {}, "tolerations": [], "options": {}}
+    # No GPU here. Helm merges maps, so the chart's defaults go only when set to null.
+    no_gpu = {"resources": {"nvidia.com/gpu": None, "memory": None}, "tolerations": [], "options": {"device": "cpu"}}
     return {
         "image": {"api": image("api"), "operator": image("operator"), "worker": image("worker-test"),
                   "pullPolicy": "Never"},
