@@ -19,7 +19,7 @@ from genq import constants
 from hostile_json import SHAPE_TOOL, burst_and_check, fuzz_and_check
 from hostile_openapi import Budget, check, fuzz, real_jobs
 from k8s.controlplane import control_plane  # noqa: F401  (the session fixture)
-from helpers import eventually
+from helpers import wait_until as eventually
 from k8s.cluster import ADMIN, Cluster, echo_pool
 
 pytestmark = pytest.mark.k8s

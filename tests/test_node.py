@@ -120,7 +120,7 @@ def test_a_job_scales_the_pool_from_zero_and_runs_in_a_worker_pod(release):
 def test_a_backlog_runs_on_three_worker_pods_then_the_pool_returns_to_zero(release):
     key = release.new_key(name="backlog", tier="premium", max_queued=50)
     with release.client(key) as c:
-        long = submit(c, "long", sleep=90)
+        long = submit(c, "long", sleep=55)
         jobs = [submit(c, f"b{i}", sleep=1.5) for i in range(20)]
         peak = wait_for(lambda: len(running_pods(release, "echo")) >= 3 and 3, 180, what="3 running worker pods")
         assert peak == 3
@@ -181,7 +181,8 @@ def test_the_operator_pod_deleted_its_replacement_leads_and_jobs_still_run(relea
         names = release.kubectl("get", "lease", "-o", "name").split()
         lease = release.get("lease", "genq-operator") if "lease.coordination.k8s.io/genq-operator" in names else {}
         return lease.get("spec", {}).get("holderIdentity", "")
-    assert old[0]["metadata"]["name"] not in wait_for(holder, 60, what="a Lease holder")
+    old_name = old[0]["metadata"]["name"]
+    wait_for(lambda: (h := holder()) and old_name not in h, 60, what="the new operator pod holding the Lease")
 
 
 def test_bad_input_through_the_service_gets_the_spec_error_and_pods_keep_serving(release):
@@ -223,8 +224,13 @@ def test_helm_uninstall_removes_everything_but_the_admin_key_secret_and_the_crds
                                "-o", "name").split()
         # Not the chart's: the namespace's defaults and the test's S3 Secret.
         left = [o for o in left if not o.startswith(("serviceaccount/default", "configmap/kube-root-ca.crt", "secret/genq-s3"))]
+        seen[:] = left
         return left == [f"secret/{RELEASE}-admin-key"] and left
-    wait_for(gone, 120, 1, what="everything but the admin key Secret gone")
+    seen: list[str] = []
+    try:
+        wait_for(gone, 120, 1, what="everything but the admin key Secret gone")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; left: {seen}") from None
     assert not [l for l in release.node.kubectl("get", "clusterroles,clusterrolebindings", "-o", "name").stdout.split()
                 if RELEASE in l and "genq" in l]
     crds = release.node.kubectl("get", "crd", "-o", "name").stdout.split()
