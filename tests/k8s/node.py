@@ -215,6 +215,9 @@ def sweep() -> None:
                 ns.unlink(missing_ok=True)
     # Network: the bridge (its veths go with the namespaces), firewall rules and chains.
     if Path(f"/sys/class/net/{BRIDGE}").exists():
+        # A pod whose CNI DEL never ran (killed with the node) leaves its host-side veth.
+        for line in run("ip", "-o", "link", "show", "master", BRIDGE, check=False).stdout.splitlines():
+            run("ip", "link", "delete", line.split(":")[1].strip().split("@")[0], check=False)
         run("ip", "link", "delete", BRIDGE, check=False)
     for family in ("iptables", "ip6tables"):
         _sweep_chains(family)

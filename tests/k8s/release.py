@@ -75,8 +75,10 @@ class Release:
             return r.json()["key"]
 
     def pods(self, component: str, tool: str | None = None) -> list[dict]:
+        """The component's pods that are not terminating."""
         selector = f"app.kubernetes.io/component={component}" + (f",genq.io/tool={tool}" if tool else "")
-        return json.loads(self.kubectl("get", "pods", "-l", selector, "-o", "json"))["items"]
+        pods = json.loads(self.kubectl("get", "pods", "-l", selector, "-o", "json"))["items"]
+        return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
 
     def debug(self) -> str:
         return self.node.pod_logs(self.namespace)
