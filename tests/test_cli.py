@@ -60,3 +60,39 @@ async def test_models_tiny_writes_a_runnable_config(tmp_path):
     registry = load_registry(cfg)
     assert {s.kind for s in registry} == {"imageEdit", "textToImage", "upscale"}
     assert (tmp_path / "m" / "tiny-sd" / "model_index.json").is_file()
+
+
+async def test_a_worker_stopped_while_starting_exits_cleanly_at_once(tmp_path):
+    """In a container `genq worker` is PID 1, which ignores a SIGTERM it has no handler
+    for: a pod stopped during start-up ran on until its grace period (the tool's deadline)
+    ended (the real node). The handler is in place before anything slow starts: here the
+    start hangs on a NATS server that never answers, and SIGTERM ends it with exit 0
+    (without the fix the signal's default action kills it: -15)."""
+    import signal
+    import socket
+
+    from conftest import tools_config
+
+    silent = socket.socket()  # accepts connections, never speaks NATS
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    config = tmp_path / "genq.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(tools_config()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
+    p = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "genq.cli", "worker", "--tool", "echo", "--data-dir", str(tmp_path / "data"),
+        "--config", str(config), "--nats-url", f"nats://127.0.0.1:{silent.getsockname()[1]}",
+        env=env, cwd=tempfile.gettempdir(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        await asyncio.sleep(3)  # imports done, stuck connecting
+        assert p.returncode is None
+        p.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(p.communicate(), 10)
+    finally:
+        silent.close()
+        if p.returncode is None:
+            p.kill()
+    assert p.returncode == 0, (p.returncode, err.decode()[-2000:])
+    assert b"ready" not in out

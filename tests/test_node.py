@@ -219,13 +219,6 @@ def test_helm_upgrade_rolls_the_pods_and_uninstall_keeps_only_the_kept_objects(r
 
 
 def test_helm_uninstall_removes_everything_but_the_admin_key_secret_and_the_crds(release):
-    # Workers drained first, as the install guide says. (A worker pod still starting when
-    # uninstall removes its RBAC took longer than 2 minutes to stop: open, see BENCHMARKS §10.)
-    for pool in ("echo", "upscale"):
-        release.kubectl("patch", "toolpool", pool, "--type=merge", "-p", '{"spec": {"scaleDownDelaySeconds": 0}}')
-    wait_for(lambda: not [p for p in json.loads(release.kubectl("get", "pods", "-o", "json"))["items"]
-                          if p["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "worker"],
-             180, 1, what="no worker pods")
     release.helm("uninstall", RELEASE, "--wait", "--timeout", "3m")
     def gone():
         left = release.kubectl("get", "all,serviceaccounts,roles,rolebindings,configmaps,secrets,toolpools,leases,poddisruptionbudgets",

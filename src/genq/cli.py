@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import httpx
 import typer
@@ -174,26 +175,41 @@ def worker(
         raise typer.Exit(2)
 
     async def main() -> None:
-        rt = build_runtime(s, registry, url)
-        await rt.open()
-        w = Worker(spec, build_tool(spec, slots=slots or spec.concurrency_per_worker), store=rt.store, bus=rt.bus, blobs=rt.blobs, settings=s, slots=slots,
-                   metrics=rt.metrics)
-        await w.start()
-        health = None
-        if health_port:
-            from genq.worker.health import HealthServer
-
-            health = HealthServer(w, health_port)
-            await health.start()
+        # Signals first: in a container genq is PID 1, which ignores a SIGTERM it has no
+        # handler for, so a pod stopped while starting (a scale-in, a rollout) used to
+        # run until its grace period (the tool's deadline) ended (found on the real node).
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        print(f"worker {w.id} ready", flush=True)
-        await stop.wait()
-        await w.stop()
-        if health is not None:
-            await health.stop()
+        rt = build_runtime(s, registry, url)
+        started: list[Any] = []  # the worker, then its health server, once each has started
+
+        async def start() -> None:
+            await rt.open()
+            w = Worker(spec, build_tool(spec, slots=slots or spec.concurrency_per_worker), store=rt.store, bus=rt.bus,
+                       blobs=rt.blobs, settings=s, slots=slots, metrics=rt.metrics)
+            await w.start()
+            started.append(w)
+            if health_port:
+                from genq.worker.health import HealthServer
+
+                health = HealthServer(w, health_port)
+                await health.start()
+                started.append(health)
+            print(f"worker {w.id} ready", flush=True)
+
+        starting, stopping = asyncio.create_task(start()), asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # a start-up failure exits non-zero
+            await stopping
+        else:  # stopped while starting: nothing ran yet, nothing to drain
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        for part in started:  # the worker drains, then its health server goes
+            await part.stop()
         await rt.close()
 
     eventloop.run(main(), s.event_loop)
