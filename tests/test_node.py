@@ -12,7 +12,6 @@ kube-proxy's rules), kubectl and helm: what a platform engineer sees.
 from __future__ import annotations
 
 import io
-import json
 import time
 from collections.abc import Iterator
 
